@@ -41,9 +41,13 @@ check "boot: a Debian kernel booted" contains "$tmp/boot.log" "Linux version 6."
 check "boot: the ready marker" contains "$tmp/boot.log" "QDEDUP-READY workload=boot"
 check "boot: the modules loaded" sh -c "! grep -q 'QDEDUP-WARNING' '$tmp/boot.log'"
 check "boot: init powered off after the workload" contains "$tmp/boot.log" "QDEDUP-POWEROFF workload=boot"
+# A panic (panic=-1 with -no-reboot) also ends QEMU with status 0: insist on
+# the kernel's own power-off line.
+check "boot: the kernel powered down (no panic, no reboot)" contains "$tmp/boot.log" "reboot: Power down"
 
 boot no-such-workload
 check "unknown workload: qemu exits with status 0" [ "$rc" -eq 0 ]
+check "unknown workload: the kernel powered down" contains "$tmp/no-such-workload.log" "reboot: Power down"
 check "unknown workload: the guest names it" \
     contains "$tmp/no-such-workload.log" "QDEDUP-ERROR unknown workload 'no-such-workload'"
 check "unknown workload: no ready marker" \
