@@ -34,7 +34,7 @@ nedits=0
 fail() {
     echo "qemu-edits: $*" >&2
     for w in $work $pending; do
-        rm -f "${w%%|*}" "${w%%|*}.new"
+        rm -f "${w%%|*}" "${w%%|*}.tmp"
     done
     exit 1
 }
@@ -45,8 +45,9 @@ begin() {
     [ -f "$qemu/$file" ] || fail "$file: no such file in $qemu"
     $list_only && return 0
     [ -f "$qemu/$file.qdedup-orig" ] || cp -p "$qemu/$file" "$qemu/$file.qdedup-orig"
-    work=$(mktemp "$qemu/$file.qdedup-XXXXXX")
-    cp "$qemu/$file.qdedup-orig" "$work"
+    # Written with the umask, as the unpacked tree was (mktemp would make it 0600).
+    work=$qemu/$file.qdedup-new
+    cat "$qemu/$file.qdedup-orig" >"$work"
 }
 
 # edit MODE ANCHOR TEXT: MODE is before, after or replace; ANCHOR is a whole
@@ -57,26 +58,29 @@ edit() {
         printf '%s\t%s\t%s\n' "$file" "$1" "$2"
         return 0
     fi
+    case $1 in
+    before|after|replace) ;;
+    *) fail "$file: unknown edit mode '$1'" ;;
+    esac
     rc=0
     QE_MODE=$1 QE_ANCHOR=$2 QE_TEXT=$3 awk '
         BEGIN { mode = ENVIRON["QE_MODE"]; anchor = ENVIRON["QE_ANCHOR"]
-                text = ENVIRON["QE_TEXT"]; n = 0 }
+                text = ENVIRON["QE_TEXT"] }
         { lines[NR] = $0; if ($0 == anchor) { n++; at = NR } }
         END {
             if (n != 1) { exit (n == 0 ? 3 : 4) }
             for (i = 1; i <= NR; i++) {
-                if (i == at && mode == "before") print text
-                if (!(i == at && mode == "replace")) print lines[i]
-                if (i == at && mode != "before") {
-                    if (mode == "replace" || mode == "after") print text
-                }
+                if (i != at) { print lines[i]; continue }
+                if (mode == "before") print text
+                if (mode != "replace") print lines[i]
+                if (mode != "before") print text
             }
-        }' "$work" >"$work.new" || rc=$?
+        }' "$work" >"$work.tmp" || rc=$?
     case $rc in
-    0) mv "$work.new" "$work" ;;
-    3) rm -f "$work.new"; fail "$file: anchor line not found: '$2'" ;;
-    4) rm -f "$work.new"; fail "$file: anchor line occurs more than once: '$2'" ;;
-    *) rm -f "$work.new"; fail "$file: awk failed ($rc)" ;;
+    0) cat "$work.tmp" >"$work"; rm -f "$work.tmp" ;;
+    3) fail "$file: anchor line not found: '$2'" ;;
+    4) fail "$file: anchor line occurs more than once: '$2'" ;;
+    *) fail "$file: awk failed ($rc)" ;;
     esac
 }
 

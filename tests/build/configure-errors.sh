@@ -15,6 +15,10 @@ trap 'rm -rf "$tmp"' EXIT
 out=$tmp/out
 err=$tmp/err
 
+# Start from no tarball in the environment (CI sets one); cases that test it
+# set it themselves.
+unset QDEDUP_QEMU_TARBALL
+
 # run ARGS...: run configure on a scratch build and cache directory.
 run() {
     rc=0
@@ -64,7 +68,7 @@ check "wrong checksum through \$QDEDUP_QEMU_TARBALL: says so" contains "$err" "w
 mkdir -p "$tmp/fakebin"
 printf '#!/bin/sh\necho "E: simulated network failure" >&2\nexit 100\n' >"$tmp/fakebin/apt-get"
 chmod +x "$tmp/fakebin/apt-get"
-PATH=$tmp/fakebin:$PATH QDEDUP_QEMU_TARBALL= run
+PATH=$tmp/fakebin:$PATH run
 check "failed download: non-zero exit" [ "$rc" -ne 0 ]
 check "failed download: says it could not fetch" contains "$err" "could not fetch the source package qemu=1:10.0.13+ds-0+deb13u1"
 check "failed download: suggests --qemu-tarball" contains "$err" "--qemu-tarball=FILE"
@@ -73,7 +77,7 @@ check "failed download: no QEMU tree made" no_qemu_tree
 
 # A corrupt cached tarball is reported, not silently replaced.
 cp "$tmp/qemu_10.0.13+ds.orig.tar.xz" "$tmp/cache/"
-QDEDUP_QEMU_TARBALL= run
+run
 check "corrupt cached tarball: non-zero exit" [ "$rc" -ne 0 ]
 check "corrupt cached tarball: says so" contains "$err" "has a wrong checksum"
 
@@ -82,6 +86,10 @@ echo 9.2.0 >"$tmp/qemu-9/VERSION"
 run --qemu-src="$tmp/qemu-9"
 check "--qemu-src of another version: non-zero exit" [ "$rc" -ne 0 ]
 check "--qemu-src of another version: names both versions" contains "$err" "is QEMU '9.2.0', this overlay needs QEMU 10.0.13"
+
+# An explicit --qemu-src overrides the environment's default tarball.
+QDEDUP_QEMU_TARBALL=$tmp/qemu_10.0.13+ds.orig.tar.xz run --qemu-src="$tmp/qemu-9"
+check "--qemu-src beats \$QDEDUP_QEMU_TARBALL" contains "$err" "is QEMU '9.2.0', this overlay needs QEMU 10.0.13"
 
 run --qemu-src="$tmp/qemu-9" --qemu-tarball="$tmp/qemu_10.0.13+ds.orig.tar.xz"
 check "--qemu-src with --qemu-tarball: non-zero exit" [ "$rc" -ne 0 ]

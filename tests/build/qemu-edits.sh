@@ -39,6 +39,12 @@ for f in $files; do
     cmp -s "$tmp/a/$f" "$tmp/a/$f.qdedup-orig" && { same=false; diag "$f was not edited"; }
 done
 check "every listed file is edited, as in the build tree" $same
+modes=true
+for f in $files; do
+    [ "$(stat -c %a "$tmp/a/$f")" = "$(stat -c %a "$tmp/a/$f.qdedup-orig")" ] ||
+        { modes=false; diag "$f: mode $(stat -c %a "$tmp/a/$f")"; }
+done
+check "edited files keep QEMU's file modes" $modes
 
 # Idempotence: a second run rewrites nothing.
 for f in $files; do touch -d '2000-01-01' "$tmp/a/$f"; done
@@ -62,7 +68,7 @@ for f in $files; do
     cmp -s "$tmp/b/$f" "$qemu/$f.qdedup-orig" || [ "$f" = accel/meson.build ] || written="$written $f"
 done
 check "missing anchor: no file written${written:+ (written:$written)}" [ -z "$written" ]
-check "missing anchor: no temporary file left" [ -z "$(find "$tmp/b" -name '*.qdedup-??????*')" ]
+check "missing anchor: no temporary file left" [ -z "$(find "$tmp/b" -name '*.qdedup-new*')" ]
 
 # An anchor that occurs twice is as bad as a missing one.
 pristine "$tmp/c"
