@@ -1,0 +1,160 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/* Candidate hashes, two generations of open-addressing tables (candidates.h). */
+#include <glib.h>
+
+#include "candidates.h"
+
+#define MIN_CAPACITY 64
+
+static uint64_t key_of(QdHash h)
+{
+    return h.lo ? h.lo : 1;
+}
+
+static uint32_t fold(uint64_t cookie)
+{
+    return (uint32_t)cookie ^ (uint32_t)(cookie >> 32);
+}
+
+static void gen_init(CandGen *g, uint64_t capacity)
+{
+    g->cells = g_new0(CandEntry, capacity);
+    g->mask = capacity - 1;
+    g->count = 0;
+}
+
+static CandEntry *gen_find(const CandGen *g, uint64_t key)
+{
+    for (uint64_t i = key & g->mask;; i = (i + 1) & g->mask) {
+        if (g->cells[i].key == key) {
+            return &g->cells[i];
+        }
+        if (g->cells[i].key == 0) {
+            return NULL;
+        }
+    }
+}
+
+static void gen_put(CandGen *g, CandEntry e)
+{
+    uint64_t i = e.key & g->mask;
+
+    while (g->cells[i].key) {
+        i = (i + 1) & g->mask;
+    }
+    g->cells[i] = e;
+    g->count++;
+}
+
+static void gen_grow(CandGen *g)
+{
+    CandGen old = *g;
+
+    gen_init(g, (old.mask + 1) * 2);
+    for (uint64_t i = 0; i <= old.mask; i++) {
+        if (old.cells[i].key) {
+            gen_put(g, old.cells[i]);
+        }
+    }
+    g_free(old.cells);
+}
+
+static void gen_insert(CandGen *g, CandEntry e)
+{
+    if ((g->count + 1) * 4 > (g->mask + 1) * 3) {
+        gen_grow(g);
+    }
+    gen_put(g, e);
+}
+
+/* Remove the entry at e, shifting its probe run back (no tombstones). */
+static void gen_remove(CandGen *g, CandEntry *e)
+{
+    uint64_t i = e - g->cells;
+
+    g->cells[i].key = 0;
+    g->count--;
+    for (uint64_t j = (i + 1) & g->mask; g->cells[j].key; j = (j + 1) & g->mask) {
+        uint64_t h = g->cells[j].key & g->mask;
+
+        if (((j - h) & g->mask) >= ((j - i) & g->mask)) {
+            g->cells[i] = g->cells[j];
+            g->cells[j].key = 0;
+            i = j;
+        }
+    }
+}
+
+void candidates_init(Candidates *c)
+{
+    gen_init(&c->cur, MIN_CAPACITY);
+    gen_init(&c->prev, MIN_CAPACITY);
+}
+
+void candidates_destroy(Candidates *c)
+{
+    g_free(c->cur.cells);
+    g_free(c->prev.cells);
+}
+
+CandResult candidates_check(Candidates *c, QdHash h, uint32_t owner, uint64_t cookie)
+{
+    CandEntry want = { .key = key_of(h), .owner = owner, .cookie = fold(cookie) };
+    CandEntry *e = gen_find(&c->cur, want.key);
+
+    if (!e) {
+        e = gen_find(&c->prev, want.key);
+        if (e) {
+            /* Still alive: carry it into the current generation. */
+            CandEntry keep = *e;
+
+            gen_remove(&c->prev, e);
+            gen_insert(&c->cur, keep);
+            e = gen_find(&c->cur, want.key);
+        }
+    }
+    if (!e) {
+        gen_insert(&c->cur, want);
+        return CAND_NEW;
+    }
+    if (e->owner == want.owner && e->cookie == want.cookie) {
+        return CAND_SEEN;
+    }
+    return CAND_MATCH;
+}
+
+void candidates_forget(Candidates *c, QdHash h)
+{
+    uint64_t key = key_of(h);
+    CandEntry *e;
+
+    if ((e = gen_find(&c->cur, key))) {
+        gen_remove(&c->cur, e);
+    }
+    if ((e = gen_find(&c->prev, key))) {
+        gen_remove(&c->prev, e);
+    }
+}
+
+void candidates_rotate(Candidates *c)
+{
+    uint64_t cap = MIN_CAPACITY;
+
+    /* Size the new generation for about as many entries as the last one. */
+    while (cap * 3 < c->cur.count * 4) {
+        cap *= 2;
+    }
+    g_free(c->prev.cells);
+    c->prev = c->cur;
+    gen_init(&c->cur, cap);
+}
+
+uint64_t candidates_count(const Candidates *c)
+{
+    return c->cur.count + c->prev.count;
+}
+
+uint64_t candidates_bytes(const Candidates *c)
+{
+    return (c->cur.mask + c->prev.mask + 2) * sizeof(CandEntry);
+}

@@ -1,0 +1,50 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * Candidates of one trust domain: hashes of pages that have no identical
+ * twin yet (KSM's "unstable tree").  Remembering a hash costs 16 bytes and
+ * no pool page; only when a second, different page (another client, or
+ * another page of the same one) looks up the same hash is content asked for.
+ *
+ * Two generations: entries not seen again within one to two lifetimes are
+ * dropped wholesale at rotation, as KSM rebuilds its unstable tree each
+ * pass, so pages that changed or left do not pile up.
+ */
+#ifndef QDEDUP_BROKER_CANDIDATES_H
+#define QDEDUP_BROKER_CANDIDATES_H
+
+#include <stdint.h>
+
+#include "qdedup/protocol.h"
+
+typedef struct CandEntry {
+    uint64_t key;           /* from the hash; 0 = empty */
+    uint32_t owner;         /* client id */
+    uint32_t cookie;        /* folded page cookie */
+} CandEntry;
+
+typedef struct CandGen {
+    CandEntry *cells;
+    uint64_t mask, count;
+} CandGen;
+
+typedef struct Candidates {
+    CandGen cur, prev;
+} Candidates;
+
+typedef enum CandResult {
+    CAND_NEW,       /* first sighting: remembered */
+    CAND_SEEN,      /* the same page again (same owner and cookie) */
+    CAND_MATCH,     /* a different page has this hash */
+} CandResult;
+
+void candidates_init(Candidates *c);
+void candidates_destroy(Candidates *c);
+CandResult candidates_check(Candidates *c, QdHash h, uint32_t owner, uint64_t cookie);
+/* Drop the hash (it is in the stable index now). */
+void candidates_forget(Candidates *c, QdHash h);
+/* Start a new generation; the one before the current is dropped. */
+void candidates_rotate(Candidates *c);
+uint64_t candidates_count(const Candidates *c);
+uint64_t candidates_bytes(const Candidates *c);
+
+#endif

@@ -1,0 +1,22 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/* The client socket and its event handling (see server.c). */
+#ifndef QDEDUP_BROKER_SERVER_H
+#define QDEDUP_BROKER_SERVER_H
+
+#include <glib.h>
+
+#include "broker.h"
+
+typedef struct Server {
+    Broker *broker;
+    int sock;
+    guint watch;
+} Server;
+
+gboolean server_start(Server *s, Broker *b, GError **errp);
+void server_stop(Server *s);
+
+/* A listening unix socket at path (parent created, stale socket replaced). */
+int server_listen(const char *path, int type, guint mode, GError **errp);
+
+#endif

@@ -1,0 +1,36 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * What the broker knows of each allocated pool slot: the XXH3-128 of its
+ * content (computed by the broker itself), its total reference count over
+ * all clients, and the domain whose index holds it.  24 bytes a slot; the
+ * table grows with the pool's high-water mark.
+ */
+#ifndef QDEDUP_BROKER_SLOTS_H
+#define QDEDUP_BROKER_SLOTS_H
+
+#include <glib.h>
+#include <stdint.h>
+
+#include "qdedup/protocol.h"
+
+typedef struct SlotInfo {
+    QdHash hash;
+    uint32_t refs;
+    uint16_t domain;        /* Domain id */
+    uint16_t flags;
+} SlotInfo;
+
+#define SLOT_INDEXED 1u     /* present in its domain's index */
+
+typedef struct SlotTable {
+    SlotInfo *info;
+    uint64_t len;           /* entries allocated */
+} SlotTable;
+
+void slot_table_init(SlotTable *t);
+void slot_table_destroy(SlotTable *t);
+/* The entry of slot, growing the table to hold it. */
+SlotInfo *slot_table_get(SlotTable *t, uint64_t slot);
+uint64_t slot_table_bytes(const SlotTable *t);
+
+#endif

@@ -1,0 +1,195 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * qemu-dedup-ctl: ask a running qemu-dedup-broker for its state, over its
+ * control socket.  Subcommands stats, clients, domains; --json prints the
+ * broker's reply as it is, for scripts.
+ */
+#include <errno.h>
+#include <json-glib/json-glib.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define DEFAULT_CONTROL "/run/qemu-dedup/control.sock"
+
+static char *ask(const char *path, const char *command, GError **errp)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    g_autofree char *req = g_strdup_printf("{\"command\": \"%s\"}\n", command);
+    GString *reply = g_string_new(NULL);
+    char buf[4096];
+    ssize_t n;
+    int sock;
+
+    if (strlen(path) >= sizeof(sa.sun_path)) {
+        g_set_error(errp, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT, "path too long: %s", path);
+        return g_string_free(reply, TRUE);
+    }
+    strcpy(sa.sun_path, path);
+    sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (sock < 0 || connect(sock, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
+        send(sock, req, strlen(req), MSG_NOSIGNAL) < 0) {
+        g_set_error(errp, G_IO_ERROR, g_io_error_from_errno(errno),
+                    "cannot reach the broker at %s: %s", path, g_strerror(errno));
+        if (sock >= 0) {
+            close(sock);
+        }
+        return g_string_free(reply, TRUE);
+    }
+    while ((n = recv(sock, buf, sizeof(buf), 0)) > 0) {
+        g_string_append_len(reply, buf, n);
+    }
+    close(sock);
+    return g_string_free(reply, FALSE);
+}
+
+static gint64 num(JsonObject *o, const char *m)
+{
+    return json_object_get_int_member_with_default(o, m, 0);
+}
+
+static const char *str(JsonObject *o, const char *m)
+{
+    return json_object_get_string_member_with_default(o, m, "");
+}
+
+static double mib(gint64 bytes)
+{
+    return bytes / 1048576.0;
+}
+
+static void print_stats(JsonObject *o)
+{
+    printf("pool            %.1f MiB used of %.1f MiB (%" G_GINT64_FORMAT " of %"
+           G_GINT64_FORMAT " slots), %.1f MiB resident\n",
+           mib(num(o, "pool-bytes")), mib(num(o, "pool-max-bytes")),
+           num(o, "slots-used"), num(o, "slots-max"), mib(num(o, "pool-resident-bytes")));
+    printf("saved           %.1f MiB (%" G_GINT64_FORMAT " pages mapped by clients)\n",
+           mib(num(o, "saved-bytes")), num(o, "pages-shared"));
+    printf("clients         %" G_GINT64_FORMAT " connected, %" G_GINT64_FORMAT
+           " orphaned, %" G_GINT64_FORMAT " domains%s\n", num(o, "clients"),
+           num(o, "orphans"), num(o, "domains"),
+           json_object_get_boolean_member_with_default(o, "recovering", FALSE)
+           ? " (recovering the pool after a restart)" : "");
+    printf("lookups         %" G_GINT64_FORMAT " (%.0f/s), %" G_GINT64_FORMAT " hits, %"
+           G_GINT64_FORMAT " candidates\n", num(o, "lookups"),
+           json_object_get_double_member_with_default(o, "lookups-per-second", 0),
+           num(o, "hits"), num(o, "candidates"));
+    printf("publishes       %" G_GINT64_FORMAT " asked, %" G_GINT64_FORMAT " stored, %"
+           G_GINT64_FORMAT " mismatched\n", num(o, "publish-requests"),
+           num(o, "stored"), num(o, "mismatches"));
+    printf("frees           %" G_GINT64_FORMAT " (%" G_GINT64_FORMAT " unrefs, %"
+           G_GINT64_FORMAT " restored)\n", num(o, "frees"), num(o, "unrefs"),
+           num(o, "restored"));
+    printf("metadata        %.1f KiB (%.1f bytes per slot)\n",
+           num(o, "metadata-bytes") / 1024.0,
+           json_object_get_double_member_with_default(o, "metadata-bytes-per-slot", 0));
+    printf("errors          %" G_GINT64_FORMAT " protocol, %" G_GINT64_FORMAT
+           " refused clients\n", num(o, "protocol-errors"), num(o, "clients-refused"));
+}
+
+static void print_clients(JsonArray *a)
+{
+    printf("%5s %8s %6s %-16s %-16s %-9s %9s %9s %11s %9s\n", "ID", "PID", "UID",
+           "NAME", "DOMAIN", "STATE", "SLOTS", "MAPPED", "LOOKUPS", "HITS");
+    for (guint i = 0; i < json_array_get_length(a); i++) {
+        JsonObject *o = json_array_get_object_element(a, i);
+
+        printf("%5" G_GINT64_FORMAT " %8" G_GINT64_FORMAT " %6" G_GINT64_FORMAT
+               " %-16.16s %-16.16s %-9s %9" G_GINT64_FORMAT " %9" G_GINT64_FORMAT
+               " %11" G_GINT64_FORMAT " %9" G_GINT64_FORMAT "\n",
+               num(o, "id"), num(o, "pid"), num(o, "uid"), str(o, "name"),
+               *str(o, "domain") ? str(o, "domain") : "(private)", str(o, "state"),
+               num(o, "slots"), num(o, "pages-mapped"), num(o, "lookups"), num(o, "hits"));
+    }
+}
+
+static void print_domains(JsonArray *a)
+{
+    printf("%-20s %8s %9s %9s %10s %11s %10s\n", "DOMAIN", "CLIENTS", "SLOTS",
+           "MAPPED", "SAVED MiB", "CANDIDATES", "QUOTA MiB");
+    for (guint i = 0; i < json_array_get_length(a); i++) {
+        JsonObject *o = json_array_get_object_element(a, i);
+
+        printf("%-20.20s %8" G_GINT64_FORMAT " %9" G_GINT64_FORMAT " %9" G_GINT64_FORMAT
+               " %10.1f %11" G_GINT64_FORMAT " %10.1f\n",
+               *str(o, "name") ? str(o, "name") : "(private)", num(o, "clients"),
+               num(o, "slots"), num(o, "pages-shared"), mib(num(o, "saved-bytes")),
+               num(o, "candidates"), mib(num(o, "quota-bytes")));
+    }
+}
+
+int main(int argc, char **argv)
+{
+    g_autofree char *control = NULL;
+    gboolean json = FALSE;
+    GOptionEntry entries[] = {
+        { "control", 0, 0, G_OPTION_ARG_FILENAME, &control,
+          "the broker's control socket [" DEFAULT_CONTROL "]", "PATH" },
+        { "json", 0, 0, G_OPTION_ARG_NONE, &json,
+          "print the broker's JSON reply instead of a table", NULL },
+        { NULL }
+    };
+    g_autoptr(GOptionContext) ctx = g_option_context_new("stats|clients|domains");
+    g_autoptr(GError) err = NULL;
+    g_autoptr(JsonParser) parser = json_parser_new();
+    g_autofree char *reply = NULL;
+    JsonObject *root;
+    const char *cmd;
+
+    g_option_context_add_main_entries(ctx, entries, NULL);
+    g_option_context_set_summary(ctx,
+        "Show the state of qemu-dedup-broker:\n"
+        "  stats    pool size, slots, memory saved, lookups, publishes, frees, metadata\n"
+        "  clients  each connected (or orphaned) QEMU: domain, slots, pages mapped\n"
+        "  domains  each trust domain: clients, slots, memory saved, quota");
+    if (!g_option_context_parse(ctx, &argc, &argv, &err)) {
+        fprintf(stderr, "qemu-dedup-ctl: %s\n", err->message);
+        return 2;
+    }
+    if (argc != 2) {
+        fprintf(stderr, "qemu-dedup-ctl: expected one subcommand: stats, clients or domains\n");
+        return 2;
+    }
+    cmd = argv[1];
+    if (strcmp(cmd, "stats") && strcmp(cmd, "clients") && strcmp(cmd, "domains")) {
+        fprintf(stderr, "qemu-dedup-ctl: unknown subcommand '%s' (use stats, clients "
+                "or domains)\n", cmd);
+        return 2;
+    }
+    reply = ask(control ? control : DEFAULT_CONTROL, cmd, &err);
+    if (err) {
+        fprintf(stderr, "qemu-dedup-ctl: %s\n", err->message);
+        return 1;
+    }
+    if (!json_parser_load_from_data(parser, reply, -1, &err) ||
+        !JSON_NODE_HOLDS_OBJECT(json_parser_get_root(parser))) {
+        fprintf(stderr, "qemu-dedup-ctl: the broker's reply is not JSON: %s\n",
+                err ? err->message : reply);
+        return 1;
+    }
+    root = json_node_get_object(json_parser_get_root(parser));
+    if (json_object_has_member(root, "error")) {
+        fprintf(stderr, "qemu-dedup-ctl: the broker says: %s\n",
+                json_object_get_string_member(root, "error"));
+        return 1;
+    }
+    if (json) {
+        g_autoptr(JsonGenerator) gen = json_generator_new();
+        g_autofree char *text = NULL;
+
+        json_generator_set_root(gen, json_object_get_member(root, "return"));
+        json_generator_set_pretty(gen, TRUE);
+        text = json_generator_to_data(gen, NULL);
+        printf("%s\n", text);
+    } else if (!strcmp(cmd, "stats")) {
+        print_stats(json_object_get_object_member(root, "return"));
+    } else if (!strcmp(cmd, "clients")) {
+        print_clients(json_object_get_array_member(root, "return"));
+    } else {
+        print_domains(json_object_get_array_member(root, "return"));
+    }
+    return 0;
+}
