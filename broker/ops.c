@@ -23,6 +23,23 @@
 
 static void client_forget(BrokerClient *c);
 
+/* Internal result: a page repeating an earlier one of the same PUBLISH. */
+#define RESULT_DUPLICATE (QD_RESULT_MAX + 1)
+
+static gboolean same_as_earlier(const QdMessage *m, uint32_t i, const QdResult *out)
+{
+    QdLookupEntry e, f;
+
+    qd_lookup_entry_at(m, i, &e);
+    for (uint32_t j = 0; j < i; j++) {
+        qd_lookup_entry_at(m, j, &f);
+        if (out[j].result == QD_RESULT_STORED && qd_hash_equal(e.hash, f.hash)) {
+            return TRUE;
+        }
+    }
+    return FALSE;
+}
+
 gboolean broker_init(Broker *b, BrokerConfig *cfg, GError **errp)
 {
     memset(b, 0, sizeof(*b));
@@ -295,11 +312,15 @@ int broker_hello(Broker *b, BrokerClient *c, const QdHello *h, int handed_fd,
         return QD_ERR_DENIED;
     }
     if (reconnect) {
+        gboolean had_pool = b->have_pool;
+
         ret = take_back_pool(b, handed_fd, msg);
         if (ret) {
             return ret;
         }
-        reply->flags |= QD_REPLY_ADOPTED;
+        if (!had_pool) {
+            reply->flags |= QD_REPLY_ADOPTED;
+        }
     } else if (!b->have_pool) {
         gint64 left = (b->recover_deadline - g_get_monotonic_time()) / G_USEC_PER_SEC;
 
@@ -429,6 +450,9 @@ void broker_publish_plan(Broker *b, BrokerClient *c, const QdMessage *m,
             }
         } else if (!g_hash_table_contains(c->wanted, GSIZE_TO_POINTER(e.hash.lo))) {
             /* Not asked for: unique pages never cost a pool page. */
+        } else if (same_as_earlier(m, i, out)) {
+            /* The same content earlier in this batch: resolved at commit. */
+            out[i].result = RESULT_DUPLICATE;
         } else if ((d->quota && d->slots + need >= d->quota) ||
                    (b->cfg->client_quota &&
                     c->refs.distinct + need >= b->cfg->client_quota)) {
@@ -464,14 +488,24 @@ void broker_publish_commit(Broker *b, BrokerClient *c, const QdMessage *m,
         SlotInfo *si;
         QdHash h;
 
+        qd_lookup_entry_at(m, i, &e);
+        if (out[i].result == RESULT_DUPLICATE) {
+            /* Its twin earlier in the batch is committed by now. */
+            uint64_t slot = index_find(&d->index, &b->slots, e.hash);
+
+            out[i] = (QdResult) { .result = QD_RESULT_MISMATCH };
+            if (slot != INDEX_NONE) {
+                take_ref(b, c, slot);
+                out[i] = (QdResult) { .result = QD_RESULT_HIT, .slot = slot };
+            }
+            continue;
+        }
         if (dest[i] == POOL_NO_SLOT) {
             continue;
         }
-        qd_lookup_entry_at(m, i, &e);
         /* I1: what enters the pool is what the broker hashed itself. */
         h = qd_hash_page(pool_page(&b->pool, dest[i]));
-        if (!qd_hash_equal(h, e.hash) || index_find(&d->index, &b->slots, h) != INDEX_NONE) {
-            /* Also catches a duplicate within the same batch. */
+        if (!qd_hash_equal(h, e.hash)) {
             pool_free(&b->pool, dest[i]);
             out[i] = (QdResult) { .result = QD_RESULT_MISMATCH };
             c->mismatches++;

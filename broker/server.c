@@ -10,6 +10,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <glib-unix.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -90,6 +91,10 @@ static gboolean on_pid_exit(int fd, GIOCondition cond, gpointer opaque)
     return G_SOURCE_REMOVE;
 }
 
+/*
+ * Close the connection.  Only ever called from within on_client(), which
+ * sees sock < 0, stops, and lets go of the client (client_gone) after it.
+ */
 static void client_drop(Server *s, BrokerClient *c, const char *why)
 {
     if (c->sock < 0) {
@@ -98,15 +103,50 @@ static void client_drop(Server *s, BrokerClient *c, const char *why)
     if (s->broker->cfg->verbose) {
         g_message("client %u (pid %d) disconnected: %s", c->id, (int)c->pid, why);
     }
-    g_source_remove(c->watch);
-    c->watch = 0;
     close(c->sock);
     c->sock = -1;
+}
+
+/* After the connection closed: keep the references while the process lives. */
+static void client_gone(Server *s, BrokerClient *c)
+{
+    c->watch = 0;
     if (broker_client_orphan(s->broker, c)) {
         c->pid_watch = g_unix_fd_add(c->pidfd, G_IO_IN, on_pid_exit, s);
     } else {
         broker_client_free(s->broker, c);
     }
+}
+
+/*
+ * A process reconnecting may have closed its old connection an instant ago,
+ * before we saw the end of stream: retire such connections now, so that
+ * their references wait as an orphan for the new one (broker_hello).
+ */
+static void reap_closed(Server *s, BrokerClient *c)
+{
+    GHashTableIter it;
+    gpointer v;
+    GSList *closed = NULL;
+
+    g_hash_table_iter_init(&it, s->broker->clients);
+    while (g_hash_table_iter_next(&it, NULL, &v)) {
+        BrokerClient *o = v;
+        struct pollfd pfd = { .fd = o->sock, .events = POLLRDHUP };
+
+        if (o != c && o->pid == c->pid && o->sock >= 0 &&
+            poll(&pfd, 1, 0) == 1 && (pfd.revents & (POLLRDHUP | POLLHUP))) {
+            closed = g_slist_prepend(closed, o);
+        }
+    }
+    for (GSList *l = closed; l; l = l->next) {
+        BrokerClient *o = l->data;
+
+        g_source_remove(o->watch);
+        client_drop(s, o, "closed before reconnecting");
+        client_gone(s, o);
+    }
+    g_slist_free(closed);
 }
 
 static void handle_hello(Server *s, BrokerClient *c, const QdMessage *m, int fd,
@@ -115,7 +155,12 @@ static void handle_hello(Server *s, BrokerClient *c, const QdMessage *m, int fd,
     QdHelloReply reply = { 0 };
     g_autofree char *msg = NULL;
     int ro_fd = -1;
-    int code = broker_hello(s->broker, c, &m->u.hello, fd, groups, &reply, &ro_fd, &msg);
+    int code;
+
+    if (m->u.hello.flags & QD_HELLO_RECONNECT) {
+        reap_closed(s, c);
+    }
+    code = broker_hello(s->broker, c, &m->u.hello, fd, groups, &reply, &ro_fd, &msg);
 
     if (code) {
         send_error(s, c, m->hdr.seq, code, msg);
@@ -299,6 +344,10 @@ static gboolean on_client(int sock, GIOCondition cond, gpointer opaque)
         if (fd >= 0) {
             close(fd);
         }
+    }
+    if (c->sock < 0) {
+        client_gone(s, c);
+        return G_SOURCE_REMOVE;
     }
     return G_SOURCE_CONTINUE;
 }

@@ -21,8 +21,9 @@ class Tap:
                 self.diag(detail)
         return cond
 
-    def equal(self, got, want, desc):
-        return self.check(got == want, desc, f"got {got!r}, want {want!r}")
+    def equal(self, got, want, desc, detail=None):
+        extra = f"\n{detail}" if detail is not None else ""
+        return self.check(got == want, desc, f"got {got!r}, want {want!r}{extra}")
 
     def diag(self, text):
         for line in str(text).splitlines():
