@@ -126,8 +126,11 @@ void broker_restore(Broker *b, BrokerClient *c, const QdMessage *m, QdResult *ou
 void broker_rotate_candidates(Broker *b);
 void broker_tick(Broker *b, gint64 now);
 
-/* Everything the broker allocates for its bookkeeping. */
-uint64_t broker_metadata_bytes(Broker *b);
+/* What the broker allocates for its bookkeeping, by structure. */
+typedef struct MetadataBytes {
+    uint64_t slot_table, pool_bitmap, index, candidates, client_refs, other, total;
+} MetadataBytes;
+MetadataBytes broker_metadata_bytes(Broker *b);
 
 /* domain.c */
 Domain *domain_join(Broker *b, const char *name);

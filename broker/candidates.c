@@ -123,6 +123,23 @@ CandResult candidates_check(Candidates *c, QdHash h, uint32_t owner, uint64_t co
     return CAND_MATCH;
 }
 
+/* Give memory back when most candidates became slots. */
+static void gen_shrink(CandGen *g)
+{
+    CandGen old = *g;
+
+    if (old.mask + 1 <= MIN_CAPACITY || old.count * 8 >= old.mask + 1) {
+        return;
+    }
+    gen_init(g, (old.mask + 1) / 2);
+    for (uint64_t i = 0; i <= old.mask; i++) {
+        if (old.cells[i].key) {
+            gen_put(g, old.cells[i]);
+        }
+    }
+    g_free(old.cells);
+}
+
 void candidates_forget(Candidates *c, QdHash h)
 {
     uint64_t key = key_of(h);
@@ -130,9 +147,11 @@ void candidates_forget(Candidates *c, QdHash h)
 
     if ((e = gen_find(&c->cur, key))) {
         gen_remove(&c->cur, e);
+        gen_shrink(&c->cur);
     }
     if ((e = gen_find(&c->prev, key))) {
         gen_remove(&c->prev, e);
+        gen_shrink(&c->prev);
     }
 }
 

@@ -47,7 +47,8 @@ static void build_stats(Control *ctl, JsonBuilder *jb)
 {
     Broker *b = ctl->broker;
     uint64_t used = b->have_pool ? b->pool.nused : 0, refs = 0, orphans = 0, cands = 0;
-    uint64_t meta = broker_metadata_bytes(b), ndomains = 0;
+    MetadataBytes mb = broker_metadata_bytes(b);
+    uint64_t meta = mb.total, ndomains = 0;
     GHashTableIter it;
     gpointer v;
 
@@ -101,6 +102,15 @@ static void build_stats(Control *ctl, JsonBuilder *jb)
     add_int(jb, "metadata-bytes", meta);
     json_builder_set_member_name(jb, "metadata-bytes-per-slot");
     json_builder_add_double_value(jb, used ? (double)meta / used : 0);
+    json_builder_set_member_name(jb, "metadata");
+    json_builder_begin_object(jb);
+    add_int(jb, "slot-table", mb.slot_table);
+    add_int(jb, "pool-bitmap", mb.pool_bitmap);
+    add_int(jb, "index", mb.index);
+    add_int(jb, "candidates", mb.candidates);
+    add_int(jb, "client-refs", mb.client_refs);
+    add_int(jb, "other", mb.other);
+    json_builder_end_object(jb);
     json_builder_end_object(jb);
 }
 

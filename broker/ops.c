@@ -435,10 +435,14 @@ void broker_publish_plan(Broker *b, BrokerClient *c, const QdMessage *m,
     for (uint32_t i = 0; i < n; i++) {
         QdLookupEntry e;
         uint64_t slot;
+        gboolean wanted;
 
         qd_lookup_entry_at(m, i, &e);
         dest[i] = POOL_NO_SLOT;
         out[i] = (QdResult) { .result = QD_RESULT_UNWANTED };
+        /* Asked for once, answered once, whatever the outcome. */
+        wanted = g_hash_table_remove(c->wanted, GSIZE_TO_POINTER(e.hash.lo)) ||
+                 same_as_earlier(m, i, out);
         slot = index_find(&d->index, &b->slots, e.hash);
         if (slot != INDEX_NONE) {
             /* Someone stored it meanwhile: same as a lookup hit. */
@@ -448,7 +452,7 @@ void broker_publish_plan(Broker *b, BrokerClient *c, const QdMessage *m,
             } else {
                 out[i].result = QD_RESULT_QUOTA;
             }
-        } else if (!g_hash_table_contains(c->wanted, GSIZE_TO_POINTER(e.hash.lo))) {
+        } else if (!wanted) {
             /* Not asked for: unique pages never cost a pool page. */
         } else if (same_as_earlier(m, i, out)) {
             /* The same content earlier in this batch: resolved at commit. */
@@ -517,7 +521,6 @@ void broker_publish_commit(Broker *b, BrokerClient *c, const QdMessage *m,
         index_insert(&d->index, &b->slots, dest[i]);
         d->slots++;
         candidates_forget(&d->cand, h);
-        g_hash_table_remove(c->wanted, GSIZE_TO_POINTER(h.lo));
         take_ref(b, c, dest[i]);
         out[i] = (QdResult) { .result = QD_RESULT_STORED, .slot = dest[i] };
         c->stored++;
@@ -631,28 +634,32 @@ void broker_tick(Broker *b, gint64 now)
     }
 }
 
-uint64_t broker_metadata_bytes(Broker *b)
+MetadataBytes broker_metadata_bytes(Broker *b)
 {
-    uint64_t bytes = slot_table_bytes(&b->slots);
+    MetadataBytes mb = { .slot_table = slot_table_bytes(&b->slots) };
     GHashTableIter it;
     gpointer v;
 
     if (b->have_pool) {
-        bytes += (b->pool.max_slots + 63) / 64 * 8;
+        mb.pool_bitmap = (b->pool.max_slots + 63) / 64 * 8;
     }
     for (guint i = 0; i < b->domain_ids->len; i++) {
         Domain *d = g_ptr_array_index(b->domain_ids, i);
 
         if (d) {
-            bytes += sizeof(*d) + index_bytes(&d->index) + candidates_bytes(&d->cand);
+            mb.index += index_bytes(&d->index);
+            mb.candidates += candidates_bytes(&d->cand);
+            mb.other += sizeof(*d);
         }
     }
     g_hash_table_iter_init(&it, b->clients);
     while (g_hash_table_iter_next(&it, NULL, &v)) {
         BrokerClient *c = v;
 
-        bytes += sizeof(*c) + (c->refs.chunks ? refs_bytes(&c->refs) : 0) +
-                 g_hash_table_size(c->wanted) * 3 * sizeof(void *);
+        mb.client_refs += c->refs.chunks ? refs_bytes(&c->refs) : 0;
+        mb.other += sizeof(*c) + g_hash_table_size(c->wanted) * 3 * sizeof(void *);
     }
-    return bytes;
+    mb.total = mb.slot_table + mb.pool_bitmap + mb.index + mb.candidates +
+               mb.client_refs + mb.other;
+    return mb;
 }
