@@ -37,6 +37,7 @@ config = os.path.join(tmp, "broker.conf")
 with open(config, "w") as f:
     f.write(f"""[broker]
 pool-max = 64M
+client-quota = 32M
 allow-uids = {OTHER_UID}
 socket-mode = 0666
 restart-grace = 3
@@ -196,6 +197,16 @@ try:
         r = cl.do("merge")
     t.equal(r["stored"], 10, "domain quota (40K = 10 slots) caps what is stored")
     t.check(r["publish_quota"] == 22, "the rest is refused with QUOTA", r)
+    big1, big2 = Client("vm-big1"), Client("vm-big2")
+    for cl in (big1, big2):
+        cl.connect("big")
+        cl.do("fill 8500 12")
+        r = cl.do("merge")
+    t.equal(r["stored"], 8192, "client quota (32M = 8192 slots) caps one client's references")
+    t.check(r["publish_quota"] == 8500 - 8192, "the rest is refused with QUOTA", r)
+    t.check(big2.do("check")["ok"], "pages over the quota stay private and correct")
+    big2.do("unref-all")
+    t.equal(ctl("stats")["slots-used"], PAGES + 1 + 10, "releasing them frees the slots")
 
     # --- Garbage: dropped, the others keep working -----------------------------
     r = g.do("garbage")

@@ -353,7 +353,7 @@ static int do_connect(const char *path, int hand_back)
 static void cmd_reconnect(const char *path)
 {
     int old_pool = dup(client.pool_fd);
-    QdRestoreEntry e[QD_MAX_RESTORE];
+    static QdRestoreEntry e[QD_MAX_RESTORE];
     uint32_t n = 0, restored = 0, refused = 0;
     QdResult r[QD_MAX_RESTORE];
     QdError err;
@@ -391,8 +391,8 @@ static void cmd_reconnect(const char *path)
 
 static void cmd_lookup_only(void)
 {
-    QdLookupEntry e[QD_MAX_LOOKUP];
-    QdResult r[QD_MAX_LOOKUP];
+    static QdLookupEntry e[QD_MAX_LOOKUP];
+    static QdResult r[QD_MAX_LOOKUP];
     uint32_t count[QD_RESULT_MAX + 1] = { 0 }, n = MIN(npages, QD_MAX_LOOKUP);
     QdError err;
     int ret;
@@ -418,11 +418,11 @@ static void cmd_lookup_only(void)
 
 int main(void)
 {
-    char line[512], a[256], b[128], c[128], d[128];
+    char line[512], a[256], b[128], c[QD_NAME_MAX + 1], d[QD_NAME_MAX + 1];
 
     client.sock = client.pool_fd = -1;
     while (fgets(line, sizeof(line), stdin)) {
-        int n = sscanf(line, "%255s %127s %127s %127s", a, b, c, d);
+        int n = sscanf(line, "%255s %127s %64s %64s", a, b, c, d);
 
         if (n < 1) {
             continue;
