@@ -97,6 +97,20 @@ gboolean config_id_listed(const GArray *ids, guint id)
     return FALSE;
 }
 
+gboolean config_ids_admit(const GArray *uids, const GArray *gids, guint uid, guint gid,
+                          const GArray *groups)
+{
+    if (config_id_listed(uids, uid) || config_id_listed(gids, gid)) {
+        return TRUE;
+    }
+    for (guint i = 0; groups && i < groups->len; i++) {
+        if (config_id_listed(gids, g_array_index(groups, guint, i))) {
+            return TRUE;
+        }
+    }
+    return FALSE;
+}
+
 /* Names or numbers -> ids appended to *out. */
 static gboolean parse_ids(const char *what, gboolean groups, char **items,
                           GArray **out, GError **errp)

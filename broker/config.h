@@ -44,5 +44,8 @@ void config_free(BrokerConfig *cfg);
 gboolean config_parse_size(const char *s, uint64_t *bytes);
 
 gboolean config_id_listed(const GArray *ids, guint id);
+/* Does uid, gid or one of groups (supplementary gids) appear in uids/gids? */
+gboolean config_ids_admit(const GArray *uids, const GArray *gids, guint uid, guint gid,
+                          const GArray *groups);
 
 #endif

@@ -89,16 +89,8 @@ void broker_destroy(Broker *b)
 
 gboolean broker_peer_allowed(Broker *b, uid_t uid, gid_t gid, const GArray *groups)
 {
-    if (uid == 0 || uid == geteuid() || config_id_listed(b->cfg->allow_uids, uid) ||
-        config_id_listed(b->cfg->allow_gids, gid)) {
-        return TRUE;
-    }
-    for (guint i = 0; groups && i < groups->len; i++) {
-        if (config_id_listed(b->cfg->allow_gids, g_array_index(groups, guint, i))) {
-            return TRUE;
-        }
-    }
-    return FALSE;
+    return uid == 0 || uid == geteuid() ||
+           config_ids_admit(b->cfg->allow_uids, b->cfg->allow_gids, uid, gid, groups);
 }
 
 BrokerClient *broker_client_new(Broker *b, int sock, pid_t pid, uid_t uid, gid_t gid)
@@ -227,7 +219,6 @@ static gboolean domain_allowed(Broker *b, BrokerClient *c, const QdHello *h,
                                const GArray *groups, char **msg)
 {
     const DomainPolicy *p;
-    gboolean ok;
 
     if (!*h->domain) {
         return TRUE;
@@ -241,12 +232,8 @@ static gboolean domain_allowed(Broker *b, BrokerClient *c, const QdHello *h,
         }
         return TRUE;
     }
-    ok = !p->uids && !p->gids;
-    ok = ok || config_id_listed(p->uids, c->uid) || config_id_listed(p->gids, c->gid);
-    for (guint i = 0; !ok && groups && i < groups->len; i++) {
-        ok = config_id_listed(p->gids, g_array_index(groups, guint, i));
-    }
-    if (!ok) {
+    if ((p->uids || p->gids) &&
+        !config_ids_admit(p->uids, p->gids, c->uid, c->gid, groups)) {
         *msg = g_strdup_printf("uid %u may not join domain '%s'",
                                (unsigned)c->uid, h->domain);
         return FALSE;
@@ -435,14 +422,14 @@ void broker_publish_plan(Broker *b, BrokerClient *c, const QdMessage *m,
     for (uint32_t i = 0; i < n; i++) {
         QdLookupEntry e;
         uint64_t slot;
-        gboolean wanted;
+        gboolean wanted, duplicate;
 
         qd_lookup_entry_at(m, i, &e);
         dest[i] = POOL_NO_SLOT;
         out[i] = (QdResult) { .result = QD_RESULT_UNWANTED };
+        duplicate = same_as_earlier(m, i, out);
         /* Asked for once, answered once, whatever the outcome. */
-        wanted = g_hash_table_remove(c->wanted, GSIZE_TO_POINTER(e.hash.lo)) ||
-                 same_as_earlier(m, i, out);
+        wanted = g_hash_table_remove(c->wanted, GSIZE_TO_POINTER(e.hash.lo)) || duplicate;
         slot = index_find(&d->index, &b->slots, e.hash);
         if (slot != INDEX_NONE) {
             /* Someone stored it meanwhile: same as a lookup hit. */
@@ -454,7 +441,7 @@ void broker_publish_plan(Broker *b, BrokerClient *c, const QdMessage *m,
             }
         } else if (!wanted) {
             /* Not asked for: unique pages never cost a pool page. */
-        } else if (same_as_earlier(m, i, out)) {
+        } else if (duplicate) {
             /* The same content earlier in this batch: resolved at commit. */
             out[i].result = RESULT_DUPLICATE;
         } else if ((d->quota && d->slots + need >= d->quota) ||

@@ -70,24 +70,15 @@ static void protocol_error(Server *s, BrokerClient *c, uint32_t seq, const char 
 
 static gboolean on_pid_exit(int fd, GIOCondition cond, gpointer opaque)
 {
-    Server *s = opaque;
-    GHashTableIter it;
-    gpointer v;
+    BrokerClient *c = opaque;
+    Server *s = c->server;
 
-    g_hash_table_iter_init(&it, s->broker->clients);
-    while (g_hash_table_iter_next(&it, NULL, &v)) {
-        BrokerClient *c = v;
-
-        if (c->pidfd == fd) {
-            c->pid_watch = 0;   /* this source ends as we return */
-            if (s->broker->cfg->verbose) {
-                g_message("client %u (pid %d) exited: %" G_GUINT64_FORMAT
-                          " references released", c->id, (int)c->pid, c->refs.total);
-            }
-            broker_client_free(s->broker, c);
-            break;
-        }
+    c->pid_watch = 0;   /* this source ends as we return */
+    if (s->broker->cfg->verbose) {
+        g_message("client %u (pid %d) exited: %" G_GUINT64_FORMAT
+                  " references released", c->id, (int)c->pid, c->refs.total);
     }
+    broker_client_free(s->broker, c);
     return G_SOURCE_REMOVE;
 }
 
@@ -112,7 +103,7 @@ static void client_gone(Server *s, BrokerClient *c)
 {
     c->watch = 0;
     if (broker_client_orphan(s->broker, c)) {
-        c->pid_watch = g_unix_fd_add(c->pidfd, G_IO_IN, on_pid_exit, s);
+        c->pid_watch = g_unix_fd_add(c->pidfd, G_IO_IN, on_pid_exit, c);
     } else {
         broker_client_free(s->broker, c);
     }

@@ -334,7 +334,8 @@ static void cmd_garbage(void)
     }
 }
 
-static int do_connect(const char *path, int hand_back)
+/* HELLO as name in domain (with secret, may be NULL), handing back hand_back. */
+static int do_connect(const char *path, int hand_back, const char *secret)
 {
     QdHello h = { .version = QD_PROTO_VERSION, .pid = getpid(),
                   .flags = hand_back >= 0 ? QD_HELLO_RECONNECT : 0 };
@@ -343,6 +344,9 @@ static int do_connect(const char *path, int hand_back)
 
     snprintf(h.name, sizeof(h.name), "%s", name);
     snprintf(h.domain, sizeof(h.domain), "%s", domain);
+    if (secret) {
+        h.secret_len = snprintf((char *)h.secret, sizeof(h.secret), "%s", secret);
+    }
     ret = qd_client_open(&client, path, &h, hand_back, &err);
     if (ret) {
         fail_reply("connect", ret, &err);
@@ -359,7 +363,7 @@ static void cmd_reconnect(const char *path)
     QdError err;
 
     qd_client_close(&client);
-    if (do_connect(path, old_pool)) {
+    if (do_connect(path, old_pool, NULL)) {
         close(old_pool);
         return;
     }
@@ -435,21 +439,12 @@ int main(void)
 
             reply("{\"ok\": %s, \"uid\": %u}", ok ? "true" : "false", (unsigned)getuid());
         } else if (!strcmp(a, "connect") && n >= 4) {
-            QdHello h = { .version = QD_PROTO_VERSION, .pid = getpid() };
-            QdError err = { 0 };
-            int ret;
+            char secret[QD_SECRET_MAX + 1];
 
             snprintf(domain, sizeof(domain), "%s", strcmp(c, "-") ? c : "");
             snprintf(name, sizeof(name), "%s", d);
-            snprintf(h.name, sizeof(h.name), "%s", name);
-            snprintf(h.domain, sizeof(h.domain), "%s", domain);
-            if (sscanf(line, "%*s %*s %*s %*s %64s", (char *)h.secret) == 1) {
-                h.secret_len = strlen((char *)h.secret);
-            }
-            ret = qd_client_open(&client, b, &h, -1, &err);
-            if (ret) {
-                fail_reply("connect", ret, &err);
-            } else {
+            if (do_connect(b, -1, sscanf(line, "%*s %*s %*s %*s %64s", secret) == 1
+                                  ? secret : NULL) == 0) {
                 reply("{\"ok\": true, \"client_id\": %u, \"pool_slots\": %llu}",
                       client.info.client_id, (unsigned long long)client.info.pool_slots);
             }
