@@ -114,6 +114,30 @@ static void build_stats(Control *ctl, JsonBuilder *jb)
     json_builder_end_object(jb);
 }
 
+typedef struct ClientSaving {
+    const Broker *b;
+    double pages;
+} ClientSaving;
+
+/* A slot mapped n times saves n - 1 pages; each mapping gets its share. */
+static void add_saving(uint64_t slot, uint32_t count, void *opaque)
+{
+    ClientSaving *cs = opaque;
+    uint32_t refs = cs->b->slots.info[slot].refs;
+
+    if (refs) {
+        cs->pages += count - (double)count / refs;
+    }
+}
+
+static uint64_t client_saved_bytes(const Broker *b, const BrokerClient *c)
+{
+    ClientSaving cs = { b, 0 };
+
+    refs_foreach(&c->refs, add_saving, &cs);
+    return (uint64_t)(cs.pages * QD_PAGE_SIZE + 0.5);
+}
+
 static void build_clients(Control *ctl, JsonBuilder *jb)
 {
     Broker *b = ctl->broker;
@@ -146,6 +170,7 @@ static void build_clients(Control *ctl, JsonBuilder *jb)
                                       c->domain ? "connected" : "handshake");
         add_int(jb, "slots", c->refs.distinct);
         add_int(jb, "pages-mapped", c->refs.total);
+        add_int(jb, "saved-bytes", client_saved_bytes(b, c));
         add_int(jb, "lookups", c->lookups);
         add_int(jb, "hits", c->hits);
         add_int(jb, "misses", c->misses);

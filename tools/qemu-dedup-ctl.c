@@ -92,17 +92,18 @@ static void print_stats(JsonObject *o)
 
 static void print_clients(JsonArray *a)
 {
-    printf("%5s %8s %6s %-16s %-16s %-9s %9s %9s %11s %9s\n", "ID", "PID", "UID",
-           "NAME", "DOMAIN", "STATE", "SLOTS", "MAPPED", "LOOKUPS", "HITS");
+    printf("%5s %8s %6s %-16s %-16s %-9s %9s %9s %9s %11s %9s\n", "ID", "PID", "UID",
+           "NAME", "DOMAIN", "STATE", "SLOTS", "MAPPED", "SAVED MiB", "LOOKUPS", "HITS");
     for (guint i = 0; i < json_array_get_length(a); i++) {
         JsonObject *o = json_array_get_object_element(a, i);
 
         printf("%5" G_GINT64_FORMAT " %8" G_GINT64_FORMAT " %6" G_GINT64_FORMAT
                " %-16.16s %-16.16s %-9s %9" G_GINT64_FORMAT " %9" G_GINT64_FORMAT
-               " %11" G_GINT64_FORMAT " %9" G_GINT64_FORMAT "\n",
+               " %9.1f %11" G_GINT64_FORMAT " %9" G_GINT64_FORMAT "\n",
                num(o, "id"), num(o, "pid"), num(o, "uid"), str(o, "name"),
                *str(o, "domain") ? str(o, "domain") : "(private)", str(o, "state"),
-               num(o, "slots"), num(o, "pages-mapped"), num(o, "lookups"), num(o, "hits"));
+               num(o, "slots"), num(o, "pages-mapped"), mib(num(o, "saved-bytes")),
+               num(o, "lookups"), num(o, "hits"));
     }
 }
 

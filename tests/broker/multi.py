@@ -139,6 +139,9 @@ try:
     t.equal(st["slots-used"], PAGES, "one pool slot per distinct page")
     t.equal(st["pages-shared"], 3 * PAGES, "three references per slot")
     t.equal(st["saved-bytes"], 2 * PAGES * 4096, "saved = pages mapped - slots")
+    per_client = [cl["saved-bytes"] for cl in ctl("clients")]
+    t.check(abs(sum(per_client) - st["saved-bytes"]) < 4096,
+            f"per-client saved-bytes add up to the total (to rounding): {per_client}")
     t.check(st["metadata-bytes"] > 0, "the broker reports its metadata bytes")
     t.check(st["pool-resident-bytes"] >= PAGES * 4096, "the pool holds the pages")
     for cl in (a, b, c):
