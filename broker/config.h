@@ -11,7 +11,9 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-#define DEFAULT_SOCKET  "/run/qemu-dedup/broker.sock"
+#include "qdedup/protocol.h"
+
+#define DEFAULT_SOCKET  QD_DEFAULT_SOCKET
 #define DEFAULT_CONTROL "/run/qemu-dedup/control.sock"
 #define DEFAULT_CONFIG  "/etc/qemu-dedup/broker.conf"
 

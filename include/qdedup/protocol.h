@@ -25,6 +25,7 @@
 #define QD_PROTO_MAGIC      0x50444451u     /* "QDDP" on the wire */
 #define QD_PROTO_VERSION    1u
 #define QD_PAGE_SIZE        4096u
+#define QD_DEFAULT_SOCKET   "/run/qemu-dedup/broker.sock"
 #define QD_HEADER_SIZE      16u
 
 #define QD_MAX_LOOKUP       1024u   /* hashes per LOOKUP */

@@ -1,0 +1,112 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/* What the engine's files share; not for the QEMU glue. */
+#ifndef QDEDUP_ENGINE_INTERNAL_H
+#define QDEDUP_ENGINE_INTERNAL_H
+
+#include <glib.h>
+
+#include "engine.h"
+#include "qdedup/client.h"
+
+#define DEDUP_PAGE          4096u
+#define DEDUP_NO_SLOT       UINT32_MAX
+#define DEDUP_BATCH         1024u   /* pages hashed between checks of the budget */
+
+/* Where a page's memory comes from, as far as we changed it. */
+enum {
+    PAGE_ANON = 0,      /* QEMU's original mapping */
+    PAGE_MERGED,        /* pool slot mapped here (slot[]), not written since */
+    PAGE_COWED,         /* pool slot mapped here, but the guest wrote: own copy */
+    PAGE_MOVED,         /* COWed page moved back to anonymous memory (own VMA) */
+};
+
+/* Page flags from pagemap (see pagemap.c). */
+enum {
+    PM_PRESENT = 1 << 0,
+    PM_FILE = 1 << 1,       /* maps a file page (for us: the pool) */
+    PM_ZERO = 1 << 2,       /* maps the shared zero page */
+    PM_HUGE = 1 << 3,
+};
+
+typedef struct Region {
+    char *name;
+    uint8_t *host;
+    size_t npages;
+    unsigned flags;         /* DEDUP_REGION_* */
+    uint8_t *kind;          /* PAGE_* */
+    uint8_t *cooldown;      /* passes to skip: COWed soon after merging */
+    uint32_t *slot;         /* PAGE_MERGED/COWED: pool slot we hold a reference to */
+    uint64_t *hash;         /* low 64 bits of the last hash, 0: none */
+} Region;
+
+typedef struct Broker {
+    QdClient client;
+    bool connected;
+    int pool_fd;            /* read-only, kept across reconnects */
+    uint8_t *pool_view;     /* pool_fd mapped read-only, for compares */
+    size_t pool_view_len;
+    uint64_t pool_dev, pool_ino;
+    int64_t next_attempt_us;
+    int64_t backoff_us;
+    bool ever_connected;
+} Broker;
+
+struct DedupEngine {
+    DedupConfig cfg;
+    char *broker_path, *domain, *secret, *name;
+
+    GMutex lock;            /* regions and their page arrays; never taken by faults */
+    GPtrArray *regions;
+    GMutex wp_lock;         /* one protect..wake section at a time, vs. the fault loop */
+    GMutex ctl_lock;        /* sleep/stop/settings */
+    GCond ctl_cond;
+    bool stopping;
+    bool enabled;
+
+    int uffd;
+    uint64_t uffd_features;
+    int stop_fd;            /* eventfd: wakes the fault loop */
+    int pagemap_fd;
+    bool pagemap_scan;      /* PAGEMAP_SCAN ioctl works */
+
+    Broker broker;
+    int64_t cpu_ns_scanner, cpu_ns_faults;      /* atomics */
+    bool budget_reported;
+    DedupStats st;          /* counters; "now" figures computed per pass */
+};
+
+/* pagemap.c */
+int pagemap_open(DedupEngine *e);
+/* Fill flags[0..n) (PM_*) for the pages at addr. */
+int pagemap_flags(DedupEngine *e, const uint8_t *addr, size_t n, uint8_t *flags);
+
+/* uffd.c */
+int uffd_setup(DedupEngine *e, char **errmsg);
+int uffd_register_wp(DedupEngine *e, void *addr, size_t len);
+int uffd_protect(DedupEngine *e, void *addr, size_t len, bool wp);
+void uffd_wake(DedupEngine *e, void *addr, size_t len);
+
+/* merge.c: called by the scanner with e->lock held */
+typedef struct MergeItem {
+    Region *r;
+    size_t page;
+    uint64_t slot;
+} MergeItem;
+/* Merge items (sorted by region and page); unreferences what does not merge. */
+void merge_pages(DedupEngine *e, MergeItem *items, size_t n);
+/* Drop the zero pages among pages[0..n) of r (I4). */
+void drop_zero_pages(DedupEngine *e, Region *r, const size_t *pages, size_t n);
+/* Move a COWed page back to anonymous memory; release its slot if asked. */
+bool restore_page(DedupEngine *e, Region *r, size_t page, bool release);
+int remap_flags(Region *r, void *addr, size_t len);
+
+/* broker-link.c */
+bool broker_usable(DedupEngine *e);     /* connects (with backoff) if needed */
+void broker_lost(DedupEngine *e, const char *why);
+void broker_unref(DedupEngine *e, const uint64_t *slots, size_t n);
+const uint8_t *broker_pool_page(DedupEngine *e, uint64_t slot);
+void broker_close(DedupEngine *e);
+
+void engine_notify(DedupEngine *e, DedupEvent ev);
+
+#endif

@@ -1,0 +1,539 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * The engine: regions, the scanner's passes, settings and stats.
+ *
+ * A pass walks every region in batches.  Per page it keeps the low 64 bits
+ * of the last hash, what the page maps (engine-internal.h PAGE_*), the slot
+ * it holds a reference to, and a cooldown: 14 bytes a page, 0.34% of RAM.
+ *
+ * - absent pages are never read (reading would populate them);
+ * - a zero page of anonymous RAM is dropped at once (merge.c, I4);
+ * - any other page is a candidate once its hash is the same two passes
+ *   running, as in KSM's unstable tree: pages in flux are not worth a
+ *   broker round trip nor a VMA;
+ * - a merged page that pagemap shows as anonymous was written by the guest
+ *   (kernel COW, I1): it keeps its reference while its VMA still maps the
+ *   slot (I2), may merge again with other content, and otherwise is moved
+ *   back to anonymous memory, which releases the slot.
+ *
+ * Locks: e->lock guards the regions and their arrays (scanner, and the
+ * caller adding or removing regions); e->wp_lock the protect..wake sections
+ * (merge.c, uffd.c).  The scanner never takes the BQL (it knows no QEMU).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "engine-internal.h"
+
+#define COW_COOLDOWN_PASSES 8
+
+static int64_t thread_cpu_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1000000000ll + ts.tv_nsec;
+}
+
+void engine_notify(DedupEngine *e, DedupEvent ev)
+{
+    if (e->cfg.notify) {
+        e->cfg.notify(e->cfg.opaque, ev);
+    }
+}
+
+DedupEngine *dedup_engine_new(const DedupConfig *cfg, char **errmsg)
+{
+    DedupEngine *e = g_new0(DedupEngine, 1);
+
+    e->cfg = *cfg;
+    e->broker_path = g_strdup(cfg->broker ? cfg->broker : QD_DEFAULT_SOCKET);
+    e->domain = g_strdup(cfg->domain ? cfg->domain : "");
+    e->secret = g_strdup(cfg->secret);
+    e->name = g_strdup(cfg->name ? cfg->name : "");
+    e->cfg.broker = e->cfg.domain = e->cfg.secret = e->cfg.name = NULL;
+    e->cfg.cpu_limit = CLAMP(cfg->cpu_limit, 1, 100);
+    e->enabled = true;
+    e->regions = g_ptr_array_new();
+    e->broker.pool_fd = -1;
+    e->pagemap_fd = -1;
+    e->uffd = -1;
+    e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    g_mutex_init(&e->lock);
+    g_mutex_init(&e->wp_lock);
+    g_mutex_init(&e->ctl_lock);
+    g_cond_init(&e->ctl_cond);
+    if (uffd_setup(e, errmsg) < 0) {
+        dedup_engine_free(e);
+        return NULL;
+    }
+    if (pagemap_open(e) < 0) {
+        *errmsg = g_strdup_printf("cannot open /proc/self/pagemap: %s", g_strerror(errno));
+        dedup_engine_free(e);
+        return NULL;
+    }
+    return e;
+}
+
+void dedup_engine_stop(DedupEngine *e)
+{
+    uint64_t one = 1;
+
+    g_mutex_lock(&e->ctl_lock);
+    e->stopping = true;
+    g_cond_broadcast(&e->ctl_cond);
+    g_mutex_unlock(&e->ctl_lock);
+    if (write(e->stop_fd, &one, sizeof(one)) < 0) {
+        /* The counter cannot overflow from one write. */
+    }
+}
+
+static void region_free(Region *r)
+{
+    g_free(r->name);
+    g_free(r->kind);
+    g_free(r->cooldown);
+    g_free(r->slot);
+    g_free(r->hash);
+    g_free(r);
+}
+
+void dedup_engine_free(DedupEngine *e)
+{
+    if (!e) {
+        return;
+    }
+    broker_close(e);
+    for (guint i = 0; i < e->regions->len; i++) {
+        region_free(g_ptr_array_index(e->regions, i));
+    }
+    g_ptr_array_free(e->regions, TRUE);
+    if (e->uffd >= 0) {
+        /* Closing unregisters every range and wakes any blocked writer. */
+        close(e->uffd);
+    }
+    if (e->pagemap_fd >= 0) {
+        close(e->pagemap_fd);
+    }
+    if (e->stop_fd >= 0) {
+        close(e->stop_fd);
+    }
+    g_mutex_clear(&e->lock);
+    g_mutex_clear(&e->wp_lock);
+    g_mutex_clear(&e->ctl_lock);
+    g_cond_clear(&e->ctl_cond);
+    g_free(e->broker_path);
+    g_free(e->domain);
+    g_free(e->secret);
+    g_free(e->name);
+    g_free(e);
+}
+
+int dedup_engine_add_region(DedupEngine *e, const char *name, void *host,
+                            size_t len, unsigned flags, char **errmsg)
+{
+    Region *r;
+    int ret;
+
+    if ((uintptr_t)host % DEDUP_PAGE || len % DEDUP_PAGE || !len) {
+        *errmsg = g_strdup_printf("RAM '%s' is not page aligned", name);
+        return -EINVAL;
+    }
+    ret = uffd_register_wp(e, host, len);
+    if (ret < 0) {
+        *errmsg = g_strdup_printf("cannot write-protect RAM '%s' with userfaultfd: %s "
+                                  "(another userfaultfd owns it, or it is not private "
+                                  "RAM)", name, g_strerror(-ret));
+        return ret;
+    }
+    r = g_new0(Region, 1);
+    r->name = g_strdup(name);
+    r->host = host;
+    r->npages = len / DEDUP_PAGE;
+    r->flags = flags;
+    r->kind = g_new0(uint8_t, r->npages);
+    r->cooldown = g_new0(uint8_t, r->npages);
+    r->slot = g_new(uint32_t, r->npages);
+    memset(r->slot, 0xff, r->npages * sizeof(uint32_t));
+    r->hash = g_new0(uint64_t, r->npages);
+    g_mutex_lock(&e->lock);
+    g_ptr_array_add(e->regions, r);
+    e->st.covered_bytes += len;
+    g_mutex_unlock(&e->lock);
+    return 0;
+}
+
+void dedup_engine_remove_region(DedupEngine *e, void *host)
+{
+    g_autoptr(GArray) slots = g_array_new(FALSE, FALSE, sizeof(uint64_t));
+
+    g_mutex_lock(&e->lock);
+    for (guint i = 0; i < e->regions->len; i++) {
+        Region *r = g_ptr_array_index(e->regions, i);
+
+        if (r->host != host) {
+            continue;
+        }
+        /*
+         * The caller unmaps the RAM next: once no VMA maps our slots, the
+         * references may go (I2).  Until then the mappings stay correct.
+         */
+        for (size_t p = 0; p < r->npages; p++) {
+            uint8_t k = r->kind[p] & 0x7f;
+
+            if (k == PAGE_MERGED || k == PAGE_COWED) {
+                uint64_t s = r->slot[p];
+
+                g_array_append_val(slots, s);
+            }
+        }
+        e->st.covered_bytes -= r->npages * DEDUP_PAGE;
+        g_ptr_array_remove_index(e->regions, i);
+        region_free(r);
+        break;
+    }
+    /*
+     * Released now, before the caller's munmap: harmless only because the
+     * broker never frees a slot that another client maps, and punching one
+     * that only we map makes our dying mapping read zeros nobody reads.
+     */
+    broker_unref(e, (uint64_t *)slots->data, slots->len);
+    g_mutex_unlock(&e->lock);
+}
+
+/* Extra VMAs our mappings cost in r (I7): one per change of mapping. */
+static uint64_t region_vmas(const Region *r)
+{
+    uint64_t segments = 0;
+    int prev = -1;
+    int64_t prev_delta = 0;
+
+    for (size_t p = 0; p < r->npages; p++) {
+        int k = r->kind[p] & 0x7f;
+        bool file = k == PAGE_MERGED || k == PAGE_COWED;
+        int cls = file ? 1 : k == PAGE_MOVED ? 2 : 0;
+        int64_t delta = file ? (int64_t)r->slot[p] - (int64_t)p : 0;
+
+        if (cls != prev || cls == 2 || (cls == 1 && delta != prev_delta)) {
+            segments++;
+        }
+        prev = cls;
+        prev_delta = delta;
+    }
+    return segments ? segments - 1 : 0;
+}
+
+typedef struct Batch {
+    Region *r;
+    size_t first, n;
+    uint8_t pm[DEDUP_BATCH];
+    size_t zero[DEDUP_BATCH];
+    size_t nzero;
+    QdLookupEntry lookup[DEDUP_BATCH];
+    QdResult result[DEDUP_BATCH];
+    size_t nlookup;
+    size_t cowed[DEDUP_BATCH];      /* COWed pages that found no new match */
+    size_t ncowed;
+} Batch;
+
+/* Counters of the pass in progress, published when it ends. */
+typedef struct PassTotals {
+    uint64_t zero_now, merged_now, refs_now;
+} PassTotals;
+
+static bool budget_left(DedupEngine *e, uint64_t extra)
+{
+    if (e->st.vmas_used + extra <= e->cfg.max_vmas) {
+        return true;
+    }
+    if (!e->budget_reported) {
+        e->budget_reported = true;
+        e->st.vma_budget_reached = true;
+        engine_notify(e, DEDUP_EVENT_VMA_BUDGET);
+    }
+    return false;
+}
+
+/* Classify the batch's pages; fills b->zero, b->lookup, counts what is now. */
+static void classify(DedupEngine *e, Batch *b, PassTotals *t, bool merging)
+{
+    static const uint8_t zero[DEDUP_PAGE];
+    static QdHash zero_hash;
+    Region *r = b->r;
+
+    if (!zero_hash.lo) {
+        zero_hash = qd_hash_page(zero);
+    }
+    for (size_t i = 0; i < b->n; i++) {
+        size_t p = b->first + i;
+        uint8_t kind = r->kind[p] & 0x7f, f = b->pm[i];
+        bool dropped = r->kind[p] & 0x80;
+        QdHash h;
+
+        if (kind == PAGE_MERGED) {
+            if ((f & PM_PRESENT) && !(f & PM_FILE)) {
+                r->kind[p] = PAGE_COWED;
+                r->cooldown[p] = COW_COOLDOWN_PASSES;
+                r->hash[p] = 0;
+                e->st.cow_events++;
+                t->refs_now++;
+            } else {
+                t->merged_now++;
+                t->refs_now++;
+            }
+            continue;
+        }
+        if (kind == PAGE_COWED) {
+            t->refs_now++;
+        }
+        if (!(f & PM_PRESENT) || (f & PM_ZERO)) {
+            t->zero_now += dropped;
+            continue;
+        }
+        r->kind[p] = kind;      /* written since we dropped it */
+        if (r->cooldown[p]) {
+            r->cooldown[p]--;
+            continue;
+        }
+        h = qd_hash_page(r->host + p * DEDUP_PAGE);
+        e->st.scanned_pages++;
+        if (qd_hash_equal(h, zero_hash)) {
+            if (kind != PAGE_COWED && e->cfg.zero_pages) {
+                b->zero[b->nzero++] = p;
+            } else if (kind == PAGE_COWED) {
+                b->cowed[b->ncowed++] = p;
+            }
+            r->hash[p] = 0;
+            continue;
+        }
+        if (merging && r->hash[p] == h.lo) {
+            b->lookup[b->nlookup++] = (QdLookupEntry) { .hash = h, .cookie = p };
+        } else if (kind == PAGE_COWED && r->hash[p]) {
+            b->cowed[b->ncowed++] = p;      /* unstable: give the slot back */
+        }
+        r->hash[p] = h.lo;
+    }
+}
+
+static int cmp_items(const void *a, const void *b)
+{
+    const MergeItem *x = a, *y = b;
+
+    return x->page < y->page ? -1 : x->page > y->page;
+}
+
+/* Ask the broker about the batch's candidates; merge the matches. */
+static void lookup_and_merge(DedupEngine *e, Batch *b)
+{
+    g_autofree MergeItem *items = g_new(MergeItem, b->nlookup);
+    g_autofree uint32_t *publish = g_new(uint32_t, b->nlookup);
+    size_t nitems = 0, npublish = 0;
+    QdError err;
+    int ret;
+
+    ret = qd_client_lookup(&e->broker.client, b->lookup, b->nlookup, b->result, &err);
+    if (ret) {
+        broker_lost(e, ret < 0 ? g_strerror(-ret) : err.message);
+        return;
+    }
+    for (size_t i = 0; i < b->nlookup; i++) {
+        if (b->result[i].result == QD_RESULT_HIT) {
+            items[nitems++] = (MergeItem) { b->r, b->lookup[i].cookie, b->result[i].slot };
+        } else if (b->result[i].result == QD_RESULT_PUBLISH) {
+            publish[npublish++] = i;
+        } else if ((b->r->kind[b->lookup[i].cookie] & 0x7f) == PAGE_COWED) {
+            b->cowed[b->ncowed++] = b->lookup[i].cookie;
+        }
+    }
+    for (size_t i = 0; i < npublish; i += QD_MAX_PUBLISH) {
+        uint32_t n = MIN(npublish - i, QD_MAX_PUBLISH);
+        QdLookupEntry pe[QD_MAX_PUBLISH];
+        const void *pages[QD_MAX_PUBLISH];
+        QdResult pr[QD_MAX_PUBLISH];
+
+        for (uint32_t j = 0; j < n; j++) {
+            pe[j] = b->lookup[publish[i + j]];
+            /* Read without protection: the broker hashes what it receives. */
+            pages[j] = b->r->host + pe[j].cookie * DEDUP_PAGE;
+        }
+        ret = qd_client_publish(&e->broker.client, pe, pages, n, pr, &err);
+        if (ret) {
+            broker_lost(e, ret < 0 ? g_strerror(-ret) : err.message);
+            break;
+        }
+        for (uint32_t j = 0; j < n; j++) {
+            if (pr[j].result == QD_RESULT_STORED || pr[j].result == QD_RESULT_HIT) {
+                items[nitems++] = (MergeItem) { b->r, pe[j].cookie, pr[j].slot };
+            }
+        }
+    }
+    if (!nitems) {
+        return;
+    }
+    qsort(items, nitems, sizeof(*items), cmp_items);
+    if (!budget_left(e, 2 * nitems)) {
+        /* Give the references back: we will not map them. */
+        g_autofree uint64_t *slots = g_new(uint64_t, nitems);
+
+        for (size_t i = 0; i < nitems; i++) {
+            slots[i] = items[i].slot;
+        }
+        broker_unref(e, slots, nitems);
+        return;
+    }
+    merge_pages(e, items, nitems);
+    e->st.vmas_used = 0;
+    for (guint i = 0; i < e->regions->len; i++) {
+        e->st.vmas_used += region_vmas(g_ptr_array_index(e->regions, i));
+    }
+}
+
+static void process_batch(DedupEngine *e, Batch *b, PassTotals *t)
+{
+    bool merging;
+
+    b->nzero = b->nlookup = b->ncowed = 0;
+    if (pagemap_flags(e, b->r->host + b->first * DEDUP_PAGE, b->n, b->pm) < 0) {
+        return;
+    }
+    merging = e->cfg.merge && broker_usable(e) && budget_left(e, 2);
+    classify(e, b, t, merging);
+    if (b->nzero) {
+        drop_zero_pages(e, b->r, b->zero, b->nzero);
+        t->zero_now += b->nzero;
+    }
+    if (b->nlookup && e->broker.connected) {
+        lookup_and_merge(e, b);
+    }
+    for (size_t i = 0; i < b->ncowed; i++) {
+        size_t p = b->cowed[i];
+
+        if ((b->r->kind[p] & 0x7f) == PAGE_COWED && e->broker.connected &&
+            restore_page(e, b->r, p, true)) {
+            t->refs_now--;
+        }
+    }
+}
+
+/* Sleep as long as the CPU limit asks, or until stopped; false if stopped. */
+static bool pace(DedupEngine *e, int64_t cpu_ns, int64_t wall_ns, int64_t extra_ms)
+{
+    int64_t sleep_us = extra_ms * 1000;
+    bool go;
+
+    if (e->cfg.cpu_limit < 100) {
+        sleep_us += (cpu_ns * 100 / e->cfg.cpu_limit - wall_ns) / 1000;
+    }
+    g_mutex_lock(&e->ctl_lock);
+    if (sleep_us > 0 && !e->stopping) {
+        g_cond_wait_until(&e->ctl_cond, &e->ctl_lock, g_get_monotonic_time() + sleep_us);
+    }
+    while (!e->enabled && !e->stopping) {
+        g_cond_wait(&e->ctl_cond, &e->ctl_lock);
+    }
+    go = !e->stopping;
+    g_mutex_unlock(&e->ctl_lock);
+    return go;
+}
+
+void dedup_engine_run_scanner(DedupEngine *e)
+{
+    Batch *b = g_new0(Batch, 1);
+
+    while (pace(e, 0, 0, 0)) {
+        int64_t pass_start = g_get_monotonic_time();
+        PassTotals t = { 0 };
+        size_t ri = 0, page = 0;
+
+        for (;;) {
+            int64_t cpu0 = thread_cpu_ns(), wall0 = g_get_monotonic_time();
+            int64_t cpu1;
+
+            g_mutex_lock(&e->lock);
+            if (ri >= e->regions->len) {
+                g_mutex_unlock(&e->lock);
+                break;
+            }
+            b->r = g_ptr_array_index(e->regions, ri);
+            b->first = page;
+            b->n = MIN(DEDUP_BATCH, b->r->npages - page);
+            process_batch(e, b, &t);
+            page += b->n;
+            if (page >= b->r->npages) {
+                ri++;
+                page = 0;
+            }
+            g_mutex_unlock(&e->lock);
+            cpu1 = thread_cpu_ns();
+            __atomic_store_n(&e->cpu_ns_scanner, cpu1, __ATOMIC_RELAXED);
+            if (!pace(e, cpu1 - cpu0, (g_get_monotonic_time() - wall0) * 1000, 0)) {
+                g_free(b);
+                return;
+            }
+        }
+        g_mutex_lock(&e->lock);
+        e->st.zero_pages = t.zero_now;
+        e->st.merged_pages = t.merged_now;
+        e->st.pool_refs = t.refs_now;
+        e->st.passes++;
+        e->st.last_pass_ms = (g_get_monotonic_time() - pass_start) / 1000;
+        e->st.vmas_used = 0;
+        for (guint i = 0; i < e->regions->len; i++) {
+            e->st.vmas_used += region_vmas(g_ptr_array_index(e->regions, i));
+        }
+        if (e->st.vmas_used + 2 <= e->cfg.max_vmas) {
+            e->budget_reported = false;
+            e->st.vma_budget_reached = false;
+        }
+        g_mutex_unlock(&e->lock);
+        if (!pace(e, 0, 0, e->cfg.pass_interval_ms)) {
+            break;
+        }
+    }
+    g_free(b);
+}
+
+void dedup_engine_get_stats(DedupEngine *e, DedupStats *st)
+{
+    uint64_t meta = sizeof(*e);
+
+    g_mutex_lock(&e->lock);
+    *st = e->st;
+    st->regions = e->regions->len;
+    for (guint i = 0; i < e->regions->len; i++) {
+        Region *r = g_ptr_array_index(e->regions, i);
+
+        meta += sizeof(*r) + r->npages * (2 + sizeof(uint32_t) + sizeof(uint64_t));
+    }
+    st->broker_connected = e->broker.connected;
+    g_mutex_unlock(&e->lock);
+    st->metadata_bytes = meta;
+    st->vma_budget = e->cfg.max_vmas;
+    st->saved_bytes = (int64_t)(st->zero_pages + st->merged_pages) * DEDUP_PAGE -
+                      (int64_t)meta;
+    st->cpu_ns = __atomic_load_n(&e->cpu_ns_scanner, __ATOMIC_RELAXED) +
+                 __atomic_load_n(&e->cpu_ns_faults, __ATOMIC_RELAXED);
+}
+
+static void set_locked(DedupEngine *e, void (*fn)(DedupEngine *, uint64_t), uint64_t v)
+{
+    g_mutex_lock(&e->ctl_lock);
+    fn(e, v);
+    g_cond_broadcast(&e->ctl_cond);
+    g_mutex_unlock(&e->ctl_lock);
+}
+
+static void do_enabled(DedupEngine *e, uint64_t v) { e->enabled = v; }
+static void do_cpu_limit(DedupEngine *e, uint64_t v) { e->cfg.cpu_limit = CLAMP(v, 1, 100); }
+static void do_max_vmas(DedupEngine *e, uint64_t v) { e->cfg.max_vmas = v; }
+static void do_zero_pages(DedupEngine *e, uint64_t v) { e->cfg.zero_pages = v; }
+
+void dedup_engine_set_enabled(DedupEngine *e, bool on) { set_locked(e, do_enabled, on); }
+void dedup_engine_set_cpu_limit(DedupEngine *e, uint32_t pct) { set_locked(e, do_cpu_limit, pct); }
+void dedup_engine_set_max_vmas(DedupEngine *e, uint64_t n) { set_locked(e, do_max_vmas, n); }
+void dedup_engine_set_zero_pages(DedupEngine *e, bool on) { set_locked(e, do_zero_pages, on); }

@@ -1,0 +1,101 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * The dedup engine: regions of guest RAM in, merges out.
+ *
+ * It has no QEMU includes, so our own meson build links it into a stress test
+ * that plays guest with threads; QEMU's glue (memory-dedup.c) feeds it
+ * RAMBlocks.  The caller owns the threads: one runs dedup_engine_run_scanner()
+ * (hash, zero-drop, lookup, merge), one runs dedup_engine_run_faults() (the
+ * userfaultfd).  See docs/memory-dedup.md for the design and
+ * ../shared/ARCHITECTURE.md for the invariants (I1-I7) it keeps.
+ */
+#ifndef QDEDUP_ENGINE_H
+#define QDEDUP_ENGINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct DedupEngine DedupEngine;
+
+/* madvise() flags QEMU gave the RAM, re-applied to every mapping we put in it. */
+enum {
+    DEDUP_REGION_DONTFORK = 1 << 0,
+    DEDUP_REGION_DONTDUMP = 1 << 1,
+    DEDUP_REGION_HUGEPAGE = 1 << 2,
+};
+
+typedef enum DedupEvent {
+    DEDUP_EVENT_BROKER_LOST,
+    DEDUP_EVENT_BROKER_REGAINED,
+    DEDUP_EVENT_VMA_BUDGET,         /* stopped merging: max-vmas reached */
+} DedupEvent;
+
+typedef struct DedupConfig {
+    const char *broker;         /* socket path; NULL: the broker's default */
+    const char *domain;         /* trust domain; "" or NULL: share with nobody */
+    const char *secret;         /* the domain's secret, or NULL */
+    const char *name;           /* VM name, for the broker's stats */
+    uint8_t uuid[16];
+    bool zero_pages;            /* drop zero pages (I4) */
+    bool merge;                 /* look up and merge non-zero pages */
+    uint32_t cpu_limit;         /* % of one core for the scanner, 1-100 */
+    uint32_t pass_interval_ms;  /* pause between passes */
+    uint64_t max_vmas;          /* VMAs we may add (I7) */
+    /* Called from the engine's threads; must not block (schedule a BH). */
+    void (*notify)(void *opaque, DedupEvent ev);
+    void *opaque;
+} DedupConfig;
+
+typedef struct DedupStats {
+    bool broker_connected;
+    bool vma_budget_reached;
+    uint64_t regions;
+    uint64_t covered_bytes;
+    uint64_t scanned_pages;     /* pages hashed, all passes */
+    uint64_t passes;
+    uint64_t last_pass_ms;
+    uint64_t zero_pages;        /* dropped now */
+    uint64_t zero_dropped;      /* dropped, all passes */
+    uint64_t merged_pages;      /* mapped to the pool now */
+    uint64_t pool_refs;         /* broker references held now */
+    uint64_t merges;            /* pages merged, all passes */
+    uint64_t cow_events;        /* merged pages written by the guest */
+    uint64_t restored;          /* COWed pages moved back to anonymous memory */
+    uint64_t mismatches;        /* compare under protection failed */
+    uint64_t wp_faults;         /* writes that waited for a merge */
+    uint64_t vmas_used;
+    uint64_t vma_budget;
+    uint64_t metadata_bytes;
+    int64_t saved_bytes;        /* zero + merged pages, net of our metadata */
+    uint64_t cpu_ns;            /* scanner + fault thread */
+    uint64_t broker_reconnects;
+} DedupStats;
+
+/* NULL and *errmsg (g_free it) when the userfaultfd is unavailable. */
+DedupEngine *dedup_engine_new(const DedupConfig *cfg, char **errmsg);
+/* Stop the loops; call before joining the threads. */
+void dedup_engine_stop(DedupEngine *e);
+/*
+ * Free everything.  Merged pages stay mapped (they are correct private
+ * mappings); the pool fd stays open for them, and the broker keeps our
+ * references until this process exits (ARCHITECTURE I2).
+ */
+void dedup_engine_free(DedupEngine *e);
+
+/* Region of private anonymous (or MAP_PRIVATE file) RAM, page aligned. */
+int dedup_engine_add_region(DedupEngine *e, const char *name, void *host,
+                            size_t len, unsigned flags, char **errmsg);
+/* Stop touching [host, ...); waits for a batch in progress. */
+void dedup_engine_remove_region(DedupEngine *e, void *host);
+
+void dedup_engine_run_scanner(DedupEngine *e);
+void dedup_engine_run_faults(DedupEngine *e);
+
+void dedup_engine_get_stats(DedupEngine *e, DedupStats *st);
+void dedup_engine_set_enabled(DedupEngine *e, bool enabled);
+void dedup_engine_set_cpu_limit(DedupEngine *e, uint32_t percent);
+void dedup_engine_set_max_vmas(DedupEngine *e, uint64_t max_vmas);
+void dedup_engine_set_zero_pages(DedupEngine *e, bool on);
+
+#endif

@@ -1,0 +1,247 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
+/*
+ * The engine against a real broker, with threads playing vCPUs.
+ *
+ *   engine-stress BROKER_SOCKET OPS [PAGES] [SEED]
+ *
+ * Each vCPU thread owns every T-th page of a private anonymous region and
+ * keeps a shadow value per page: a page's content is a pure function of its
+ * value (0 is the zero page; small values are shared by many pages, and by
+ * the other stress process in the same domain; the rest are unique).  The
+ * threads read and rewrite their pages while the engine drops zero pages,
+ * merges duplicates and sees the COWs.  Any read that does not match the
+ * shadow is a lost write or a stale/zero read: the test fails.  TAP output.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "engine.h"
+
+#define PAGE 4096u
+#define THREADS 2
+#define SHARED_VALUES 48u   /* values 1..48 repeat across pages and processes */
+
+static uint8_t *ram;
+static uint64_t *shadow;
+static size_t npages;
+static uint64_t ops_per_thread;
+static atomic_uint_fast64_t bad, done_ops, full_checks;
+static atomic_bool engine_done;
+
+static inline uint64_t mix(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    return x;
+}
+
+static void fill(uint8_t *p, uint64_t v)
+{
+    uint64_t *w = (uint64_t *)p;
+
+    if (!v) {
+        memset(p, 0, PAGE);
+        return;
+    }
+    w[0] = v;
+    for (unsigned i = 1; i < PAGE / 8; i++) {
+        w[i] = mix(v * 512 + i);
+    }
+}
+
+static bool check_word(const uint8_t *p, uint64_t v, unsigned i)
+{
+    uint64_t got = ((const uint64_t *)p)[i];
+
+    return got == (!v ? 0 : i == 0 ? v : mix(v * 512 + i));
+}
+
+static bool check_page(const uint8_t *p, uint64_t v)
+{
+    for (unsigned i = 0; i < PAGE / 8; i++) {
+        if (!check_word(p, v, i)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static void report_bad(size_t page, uint64_t v, const char *how)
+{
+    if (atomic_fetch_add(&bad, 1) < 10) {
+        printf("# page %zu: %s read does not match value %#llx (first word %#llx)\n",
+               page, how, (unsigned long long)v,
+               (unsigned long long)((uint64_t *)(ram + page * PAGE))[0]);
+    }
+}
+
+static void *vcpu(void *arg)
+{
+    unsigned tid = (uintptr_t)arg;
+    uint64_t rng = mix(tid + 1 + (uint64_t)getpid() * 7919), unique = 0;
+    size_t mine = (npages - tid + THREADS - 1) / THREADS;
+
+    for (uint64_t op = 0; op < ops_per_thread; op++) {
+        size_t page;
+        uint64_t r;
+
+        rng = mix(rng + op);
+        r = rng;
+        /* A hot eighth of the pages takes most of the writes (churn). */
+        page = (r >> 8) % ((r & 7) ? mine : (mine + 7) / 8) * THREADS + tid;
+        if (page >= npages) {
+            continue;
+        }
+        switch ((r >> 3) & 31) {
+        case 0: {                   /* rewrite: shared, zero or unique */
+            uint64_t kind = (r >> 40) % 8, v;
+
+            v = kind < 5 ? 1 + (r >> 44) % SHARED_VALUES : kind < 6 ? 0 :
+                (uint64_t)tid << 56 | (uint64_t)getpid() << 32 | ++unique;
+            /* Only hot pages churn; the rest settle and merge. */
+            if ((r & 7) && ((r >> 50) & 15)) {
+                break;
+            }
+            fill(ram + page * PAGE, v);
+            shadow[page] = v;
+            break;
+        }
+        case 1:                     /* full check */
+            if (!check_page(ram + page * PAGE, shadow[page])) {
+                report_bad(page, shadow[page], "full");
+            }
+            atomic_fetch_add(&full_checks, 1);
+            break;
+        default: {                  /* spot check: first word and one other */
+            unsigned w = 1 + (r >> 20) % (PAGE / 8 - 1);
+
+            if (!check_word(ram + page * PAGE, shadow[page], 0) ||
+                !check_word(ram + page * PAGE, shadow[page], w)) {
+                report_bad(page, shadow[page], "spot");
+            }
+        }
+        }
+    }
+    atomic_fetch_add(&done_ops, ops_per_thread);
+    return NULL;
+}
+
+static void *scanner(void *e)
+{
+    dedup_engine_run_scanner(e);
+    return NULL;
+}
+
+static void *faults(void *e)
+{
+    dedup_engine_run_faults(e);
+    return NULL;
+}
+
+int main(int argc, char **argv)
+{
+    DedupConfig cfg = { .domain = "stress", .name = "engine-stress", .zero_pages = true,
+                        .merge = true, .cpu_limit = 100, .pass_interval_ms = 20,
+                        .max_vmas = 30000 };
+    pthread_t t[THREADS], ts, tf;
+    DedupStats st;
+    DedupEngine *e;
+    char *err = NULL;
+    int ok = 1, n = 0;
+    uint64_t final_bad = 0, total;
+
+    if (argc < 3) {
+        fprintf(stderr, "usage: %s BROKER_SOCKET OPS [PAGES] [SEED]\n", argv[0]);
+        return 2;
+    }
+    cfg.broker = argv[1];
+    total = strtoull(argv[2], NULL, 0);
+    npages = argc > 3 ? strtoull(argv[3], NULL, 0) : 8192;
+    ops_per_thread = total / THREADS;
+    srand(argc > 4 ? atoi(argv[4]) : 1);
+
+    ram = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE,
+               MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    shadow = calloc(npages, sizeof(*shadow));
+    /* Start: a quarter zero, half shared, a quarter unique. */
+    for (size_t p = 0; p < npages; p++) {
+        unsigned k = rand() % 4;
+
+        shadow[p] = k == 0 ? 0 : k == 3 ? (uint64_t)getpid() << 32 | (p + 1)
+                                        : 1 + rand() % SHARED_VALUES;
+        fill(ram + p * PAGE, shadow[p]);
+    }
+    printf("TAP version 13\n1..7\n");
+    e = dedup_engine_new(&cfg, &err);
+    if (!e) {
+        printf("not ok 1 - engine starts: %s\n", err);
+        return 1;
+    }
+    printf("ok %d - engine starts\n", ++n);
+    if (dedup_engine_add_region(e, "stress-ram", ram, npages * PAGE,
+                                DEDUP_REGION_DONTFORK, &err) < 0) {
+        printf("not ok 2 - region added: %s\n", err);
+        return 1;
+    }
+    printf("ok %d - region of %zu pages added\n", ++n, npages);
+    pthread_create(&ts, NULL, scanner, e);
+    pthread_create(&tf, NULL, faults, e);
+    /* Let the engine merge a first time before the vCPUs start churning. */
+    for (int i = 0; i < 200; i++) {
+        dedup_engine_get_stats(e, &st);
+        if (st.passes >= 3) {
+            break;
+        }
+        usleep(50000);
+    }
+    for (unsigned i = 0; i < THREADS; i++) {
+        pthread_create(&t[i], NULL, vcpu, (void *)(uintptr_t)i);
+    }
+    for (unsigned i = 0; i < THREADS; i++) {
+        pthread_join(t[i], NULL);
+    }
+    dedup_engine_get_stats(e, &st);
+    dedup_engine_stop(e);
+    pthread_join(ts, NULL);
+    pthread_join(tf, NULL);
+    atomic_store(&engine_done, true);
+    for (size_t p = 0; p < npages; p++) {
+        if (!check_page(ram + p * PAGE, shadow[p])) {
+            final_bad++;
+            report_bad(p, shadow[p], "final");
+        }
+    }
+    printf("# %llu ops (%llu full checks); passes %llu, scanned %llu, merges %llu, "
+           "merged now %llu, zero dropped %llu (now %llu), COWs %llu, restored %llu, "
+           "mismatches %llu, wp faults %llu, VMAs %llu, cpu %.1f s, broker %s\n",
+           (unsigned long long)atomic_load(&done_ops),
+           (unsigned long long)atomic_load(&full_checks),
+           (unsigned long long)st.passes, (unsigned long long)st.scanned_pages,
+           (unsigned long long)st.merges, (unsigned long long)st.merged_pages,
+           (unsigned long long)st.zero_dropped, (unsigned long long)st.zero_pages,
+           (unsigned long long)st.cow_events, (unsigned long long)st.restored,
+           (unsigned long long)st.mismatches, (unsigned long long)st.wp_faults,
+           (unsigned long long)st.vmas_used, st.cpu_ns / 1e9,
+           st.broker_connected ? "connected" : "not connected");
+    printf("%s %d - %llu operations, every read matched the shadow (no lost write, "
+           "no stale or zero read)\n", atomic_load(&bad) ? "not ok" : "ok", ++n,
+           (unsigned long long)atomic_load(&done_ops));
+    printf("%s %d - every page matches after the engine stopped\n",
+           final_bad ? "not ok" : "ok", ++n);
+    printf("%s %d - pages were merged through the broker (%llu)\n",
+           st.merges ? "ok" : "not ok", ++n, (unsigned long long)st.merges);
+    printf("%s %d - the guest wrote to merged pages (%llu COWs seen)\n",
+           st.cow_events ? "ok" : "not ok", ++n, (unsigned long long)st.cow_events);
+    printf("%s %d - zero pages were dropped (%llu)\n",
+           st.zero_dropped ? "ok" : "not ok", ++n, (unsigned long long)st.zero_dropped);
+    ok = !atomic_load(&bad) && !final_bad && st.merges && st.cow_events && st.zero_dropped;
+    dedup_engine_free(e);
+    return ok ? 0 : 1;
+}
