@@ -48,6 +48,11 @@ for p in $overlay_paths; do
         copy "$src/$f" "$f"
     done
 done
+# The engine links the wire protocol (codec, hash, transport, client).
+(cd "$src" && find protocol -maxdepth 1 -type f -name '*.[ch]' | LC_ALL=C sort) |
+while read -r f; do
+    copy "$src/$f" "accel/dedup/$f"
+done
 # The QEMU-side code reports the overlay's version.
 copy "$src/VERSION" accel/dedup/VERSION
 

@@ -9,7 +9,9 @@
  * maps (RESTORE).  A slot the broker will not take back is unmerged before
  * the broker could punch it.
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <string.h>
 #include <sys/mman.h>

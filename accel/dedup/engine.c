@@ -20,7 +20,9 @@
  * caller adding or removing regions); e->wp_lock the protect..wake sections
  * (merge.c, uffd.c).  The scanner never takes the BQL (it knows no QEMU).
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <string.h>
 #include <sys/eventfd.h>

@@ -11,7 +11,9 @@
  * ends with the range unprotected and woken, and a page we could not change
  * keeps its old mapping: when in doubt, do not merge.
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <string.h>
 #include <sys/mman.h>

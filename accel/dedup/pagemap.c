@@ -5,7 +5,9 @@
  * a whole batch, or /proc/self/pagemap entries where the ioctl is missing.
  * Reading an absent page would populate it, so the scanner asks first.
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>

@@ -13,7 +13,9 @@
  * I6: the fault loop takes no other lock, never the BQL, and never touches
  * guest memory; nothing that holds wp_lock waits for a vCPU or I/O thread.
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
