@@ -28,8 +28,15 @@ with QemuProcess(qemu, base + ["-object", "memory-dedup,id=d0"]) as q:
             "QEMU is 10.0.13")
     types = [x["name"] for x in m.cmd("qom-list-types", implements="user-creatable")]
     t.check("memory-dedup" in types, "memory-dedup is a user-creatable QOM type")
-    t.equal(m.cmd("query-memory-dedup"), [{"id": "d0", "version": version}],
+    info = m.cmd("query-memory-dedup")
+    t.equal([(x["id"], x["version"]) for x in info], [("d0", version)],
             "query-memory-dedup lists the -object one")
+    members = {"id", "state", "broker-connected", "domain", "covered-bytes",
+               "scanned-pages", "passes", "last-pass-ms", "zero-pages", "merged-pages",
+               "pool-refs", "cow-events", "vmas-used", "vma-budget", "saved-bytes",
+               "cpu-ms"}
+    t.check(members <= set(info[0]), "query-memory-dedup has every member issue 4 names",
+            sorted(members - set(info[0])))
     t.equal(m.cmd("qom-get", path="/objects/d0", property="version"), version,
             "qom-get version")
     t.check(f"d0: qdedup {version}" in m.hmp("info memory-dedup"),
@@ -60,5 +67,35 @@ r = subprocess.run([qemu] + base + ["-object", "memory-dedup,id=d0,bogus=1"],
                    capture_output=True, text=True, timeout=60)
 t.check(r.returncode != 0, "-object with an unknown property: QEMU refuses to start")
 t.check("bogus" in r.stderr, "... and names the property", r.stderr)
+
+# Bad values: each refused with a message naming the property and what it takes.
+for prop, words in (("cpu-limit=0", ["cpu-limit", "1-100"]),
+                    ("cpu-limit=101", ["cpu-limit", "1-100"]),
+                    ("cpu-limit=x", ["cpu-limit"]),
+                    ("zero-pages=maybe", ["zero-pages"]),
+                    ("max-vmas=-1", ["max-vmas"]),
+                    ("secret=nosuch", ["nosuch"]),
+                    ("broker=/nonexistent/b.sock,broker-required=on",
+                     ["/nonexistent/b.sock", "broker-required"])):
+    r = subprocess.run([qemu] + base + ["-object", f"memory-dedup,id=d0,{prop}"],
+                       capture_output=True, text=True, timeout=60)
+    t.check(r.returncode != 0 and all(w in r.stderr for w in words),
+            f"-object memory-dedup,{prop}: refused, naming {', '.join(words)}", r.stderr)
+
+with QemuProcess(qemu, base + ["-object", "memory-dedup,id=d0,broker=/nonexistent/b.sock"]) as q:
+    i = q.qmp.cmd("query-memory-dedup")[0]
+    t.check(not i["broker-connected"], "a missing broker: started anyway, not connected", i)
+    for prop, value in (("domain", "other"), ("broker", "/x"), ("memdev", "m")):
+        try:
+            q.qmp.cmd("qom-set", path="/objects/d0", property=prop, value=value)
+            t.check(False, f"qom-set {prop} at run time is refused")
+        except QMPError as e:
+            t.check(prop in str(e) and "run time" in str(e),
+                    f"qom-set {prop} at run time is refused by name", str(e))
+    q.qmp.cmd("qom-set", path="/objects/d0", property="cpu-limit", value=50)
+    t.equal(q.qmp.cmd("qom-get", path="/objects/d0", property="cpu-limit"), 50,
+            "qom-set cpu-limit at run time")
+    q.qmp.cmd("qom-set", path="/objects/d0", property="enabled", value=False)
+    t.equal(q.qmp.cmd("query-memory-dedup")[0]["state"], "paused", "qom-set enabled=false pauses")
 
 t.done()

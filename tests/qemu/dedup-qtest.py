@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Two QEMUs on the qtest accelerator with memory-dedup and one broker: the
+test writes identical and unique patterns into guest RAM through qtest,
+turns merging on with qom-set, waits for query-memory-dedup to show the
+pages merged, checks the host-side saving (PSS of the two QEMUs), writes to
+merged pages and reads everything back.
+
+Usage: dedup-qtest.py QEMU_BUILD_DIR OWN_BUILD_DIR"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
+from qmp import QemuProcess  # noqa: E402
+from tap import Tap  # noqa: E402
+
+qemu = os.path.join(sys.argv[1], "qemu-system-x86_64")
+own = sys.argv[2]
+BROKER = os.path.join(own, "broker", "qemu-dedup-broker")
+CTL = os.path.join(own, "tools", "qemu-dedup-ctl")
+BASE = 0x1000000            # 16 MiB: plain RAM
+SHARED, UNIQUE, ZERO = 1024, 256, 512   # pages
+PAGE = 4096
+t = Tap()
+tmp = tempfile.mkdtemp(prefix="qdedup-qtest-")
+bsock = os.path.join(tmp, "broker.sock")
+control = os.path.join(tmp, "control.sock")
+
+
+def page_bytes(seed, i):
+    word = (seed * 1000003 + i * 7919 + 1).to_bytes(8, "little")
+    return (word * (PAGE // 8))
+
+
+def expected(vm, i):
+    if i < SHARED:
+        return page_bytes(1, i)
+    if i < SHARED + UNIQUE:
+        return page_bytes(100 + vm, i)
+    return bytes(PAGE)
+
+
+class QTest:
+    def __init__(self, path):
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(1)
+
+    def accept(self):
+        self.listener.settimeout(60)
+        self.conn, _ = self.listener.accept()
+        self.f = self.conn.makefile("rw")
+
+    def cmd(self, line):
+        self.f.write(line + "\n")
+        self.f.flush()
+        while True:
+            reply = self.f.readline().strip()
+            if not reply.startswith("IRQ"):
+                return reply
+
+    def write(self, addr, data):
+        return self.cmd(f"write {addr:#x} {len(data):#x} 0x{data.hex()}")
+
+    def read(self, addr, size):
+        reply = self.cmd(f"read {addr:#x} {size:#x}")
+        return bytes.fromhex(reply.split()[1][2:])
+
+
+def pss_kib(pid):
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def ctl(what):
+    out = subprocess.run([CTL, f"--control={control}", "--json", what],
+                         capture_output=True, text=True, timeout=10)
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+broker = subprocess.Popen([BROKER, "--pool-max=64M", f"--socket={bsock}",
+                           f"--control={control}"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+vms = []
+try:
+    while not os.path.exists(control):
+        time.sleep(0.05)
+    qts = [QTest(os.path.join(tmp, f"qtest{i}.sock")) for i in range(2)]
+    for i in range(2):
+        q = QemuProcess(qemu, [
+            "-accel", "qtest", "-qtest", f"unix:{os.path.join(tmp, f'qtest{i}.sock')}",
+            "-machine", "pc", "-nodefaults", "-display", "none", "-m", "128",
+            "-name", f"vm{i},debug-threads=on",
+            "-object", f"memory-dedup,id=d0,broker={bsock},domain=qtest,enabled=off,"
+                       "pass-interval=100,cpu-limit=100"])
+        vms.append(q.__enter__())
+        qts[i].accept()
+    for vm, (q, qt) in enumerate(zip(vms, qts)):
+        for i in range(SHARED + UNIQUE + ZERO):
+            # Zero pages are written non-zero first, then zeroed: real memory.
+            data = expected(vm, i) if i < SHARED + UNIQUE else page_bytes(7, i)
+            qt.write(BASE + i * PAGE, data)
+        for i in range(SHARED + UNIQUE, SHARED + UNIQUE + ZERO):
+            qt.cmd(f"memset {BASE + i * PAGE:#x} {PAGE:#x} 0")
+    info = vms[0].qmp.cmd("query-memory-dedup")[0]
+    t.equal(info["state"], "paused", "enabled=off: the object starts paused")
+    pss_before = sum(pss_kib(q.proc.pid) for q in vms)
+    for q in vms:
+        q.qmp.cmd("qom-set", path="/objects/d0", property="enabled", value=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        infos = [q.qmp.cmd("query-memory-dedup")[0] for q in vms]
+        if all(i["merged-pages"] >= SHARED and i["zero-pages"] >= ZERO for i in infos):
+            break
+        time.sleep(0.5)
+    for vm, i in enumerate(infos):
+        t.check(i["broker-connected"] and i["state"] == "running",
+                f"vm{vm}: running, broker connected", i)
+        t.check(i["merged-pages"] >= SHARED, f"vm{vm}: the {SHARED} shared pages are merged "
+                f"({i['merged-pages']})", i)
+        t.check(i["zero-pages"] >= ZERO, f"vm{vm}: the {ZERO} zeroed pages are dropped "
+                f"({i['zero-pages']})", i)
+        t.check(i["covered-bytes"] >= 128 << 20, f"vm{vm}: covers all guest RAM", i)
+        t.check(i["saved-bytes"] > 0 and i["cpu-ms"] >= 0 and i["passes"] >= 2,
+                f"vm{vm}: saved-bytes {i['saved-bytes']}, passes {i['passes']}", i)
+    pss_after = sum(pss_kib(q.proc.pid) for q in vms)
+    # The shared pages are now one copy in the pool for both; zero pages are gone.
+    want = (SHARED + 2 * ZERO) * PAGE // 1024 * 3 // 4
+    t.check(pss_before - pss_after >= want,
+            f"host PSS of the two QEMUs fell by {pss_before - pss_after} KiB "
+            f"(at least {want} expected)")
+    st = ctl("stats")
+    t.check(st and st["clients"] == 2 and st["slots-used"] >= SHARED,
+            "the broker sees both and holds the shared pages once", st)
+    # Write into merged pages: copy-on-write, the other VM keeps its copy.
+    for i in range(0, SHARED, 97):
+        qts[0].write(BASE + i * PAGE, page_bytes(55, i))
+    bad = []
+    for vm, qt in enumerate(qts):
+        for i in range(SHARED + UNIQUE + ZERO):
+            want_page = page_bytes(55, i) if vm == 0 and i < SHARED and i % 97 == 0 \
+                else expected(vm, i)
+            if qt.read(BASE + i * PAGE, PAGE) != want_page:
+                bad.append((vm, i))
+    t.check(not bad, "every page reads back right after merging and writing", bad[:10])
+    threads = os.listdir(f"/proc/{vms[0].proc.pid}/task")
+    names = {open(f"/proc/{vms[0].proc.pid}/task/{x}/comm").read().strip() for x in threads}
+    t.check({"dedup-scan", "dedup-uffd"} <= names, "our threads are named dedup-*",
+            sorted(names))
+    vms[0].qmp.cmd("object-del", id="d0")
+    t.equal(vms[0].qmp.cmd("query-memory-dedup"), [], "object-del while merged")
+    t.check(all(qts[0].read(BASE + i * PAGE, PAGE) == expected(0, i)
+                for i in range(1, SHARED, 13)), "merged pages still read right after object-del")
+finally:
+    for q in vms:
+        q.__exit__(None, None, None)
+    broker.terminate()
+    broker.wait(timeout=10)
+
+t.done()
