@@ -583,6 +583,61 @@ static char *memory_dedup_get_version(Object *obj, Error **errp)
     return g_strdup(QDEDUP_VERSION);
 }
 
+typedef struct MemoryDedupStrProp {
+    const char *name;
+    char *(*get)(Object *, Error **);
+    void (*set)(Object *, const char *, Error **);
+    const char *desc;
+} MemoryDedupStrProp;
+
+static const MemoryDedupStrProp memory_dedup_str_props[] = {
+    { "broker", memory_dedup_get_broker, memory_dedup_set_broker,
+      "broker socket (default /run/qemu-dedup/broker.sock)" },
+    { "domain", memory_dedup_get_domain, memory_dedup_set_domain,
+      "trust domain to share pages with (default: none)" },
+    { "secret", memory_dedup_get_secret_id, memory_dedup_set_secret_id,
+      "id of a secret object with the domain's secret" },
+    { "memdev", memory_dedup_get_memdev, memory_dedup_set_memdev,
+      "the one memory backend to cover (default: all guest RAM)" },
+};
+
+typedef struct MemoryDedupBoolProp {
+    const char *name;
+    bool (*get)(Object *, Error **);
+    void (*set)(Object *, bool, Error **);
+    const char *desc;
+} MemoryDedupBoolProp;
+
+static const MemoryDedupBoolProp memory_dedup_bool_props[] = {
+    { "zero-pages", memory_dedup_get_zero_pages, memory_dedup_set_zero_pages,
+      "drop zero pages (default on)" },
+    { "merge", memory_dedup_get_merge, memory_dedup_set_merge,
+      "merge duplicate pages through the broker (default on)" },
+    { "enabled", memory_dedup_get_enabled, memory_dedup_set_enabled,
+      "scan and merge; off pauses (default on)" },
+    { "broker-required", memory_dedup_get_broker_required,
+      memory_dedup_set_broker_required,
+      "fail when the broker cannot be reached (default off: retry)" },
+};
+
+typedef struct MemoryDedupNumProp {
+    const char *name;
+    const char *type;           /* "uint32" or "uint64" */
+    ObjectPropertyAccessor *set;
+    size_t offset;
+    const char *desc;
+} MemoryDedupNumProp;
+
+static const MemoryDedupNumProp memory_dedup_num_props[] = {
+    { "cpu-limit", "uint32", memory_dedup_set_cpu_limit,
+      offsetof(MemoryDedup, cpu_limit),
+      "scanner CPU, percent of one core, 1-100 (default 25)" },
+    { "pass-interval", "uint32", memory_dedup_set_pass_interval,
+      offsetof(MemoryDedup, pass_interval), "pause between passes, ms (default 500)" },
+    { "max-vmas", "uint64", memory_dedup_set_max_vmas,
+      offsetof(MemoryDedup, max_vmas), "memory mappings merging may add (default 16384)" },
+};
+
 static void memory_dedup_class_init(ObjectClass *oc, void *data)
 {
     UserCreatableClass *ucc = USER_CREATABLE_CLASS(oc);
@@ -591,54 +646,27 @@ static void memory_dedup_class_init(ObjectClass *oc, void *data)
     object_class_property_add_str(oc, "version", memory_dedup_get_version, NULL);
     object_class_property_set_description(oc, "version",
         "version of the qdedup overlay this QEMU was built with");
-    object_class_property_add_str(oc, "broker", memory_dedup_get_broker,
-                                  memory_dedup_set_broker);
-    object_class_property_set_description(oc, "broker",
-        "broker socket (default /run/qemu-dedup/broker.sock)");
-    object_class_property_add_str(oc, "domain", memory_dedup_get_domain,
-                                  memory_dedup_set_domain);
-    object_class_property_set_description(oc, "domain",
-        "trust domain to share pages with (default: none)");
-    object_class_property_add_str(oc, "secret", memory_dedup_get_secret_id,
-                                  memory_dedup_set_secret_id);
-    object_class_property_set_description(oc, "secret",
-        "id of a secret object with the domain's secret");
-    object_class_property_add_str(oc, "memdev", memory_dedup_get_memdev,
-                                  memory_dedup_set_memdev);
-    object_class_property_set_description(oc, "memdev",
-        "the one memory backend to cover (default: all guest RAM)");
-    object_class_property_add(oc, "cpu-limit", "uint32", memory_dedup_get_u32,
-                              memory_dedup_set_cpu_limit, NULL,
-                              (void *)offsetof(MemoryDedup, cpu_limit));
-    object_class_property_set_description(oc, "cpu-limit",
-        "scanner CPU, percent of one core, 1-100 (default 25)");
-    object_class_property_add(oc, "pass-interval", "uint32", memory_dedup_get_u32,
-                              memory_dedup_set_pass_interval, NULL,
-                              (void *)offsetof(MemoryDedup, pass_interval));
-    object_class_property_set_description(oc, "pass-interval",
-        "pause between passes, ms (default 500)");
-    object_class_property_add(oc, "max-vmas", "uint64", memory_dedup_get_u64,
-                              memory_dedup_set_max_vmas, NULL,
-                              (void *)offsetof(MemoryDedup, max_vmas));
-    object_class_property_set_description(oc, "max-vmas",
-        "memory mappings merging may add (default 16384)");
-    object_class_property_add_bool(oc, "zero-pages", memory_dedup_get_zero_pages,
-                                   memory_dedup_set_zero_pages);
-    object_class_property_set_description(oc, "zero-pages",
-        "drop zero pages (default on)");
-    object_class_property_add_bool(oc, "merge", memory_dedup_get_merge,
-                                   memory_dedup_set_merge);
-    object_class_property_set_description(oc, "merge",
-        "merge duplicate pages through the broker (default on)");
-    object_class_property_add_bool(oc, "enabled", memory_dedup_get_enabled,
-                                   memory_dedup_set_enabled);
-    object_class_property_set_description(oc, "enabled",
-        "scan and merge; off pauses (default on)");
-    object_class_property_add_bool(oc, "broker-required",
-                                   memory_dedup_get_broker_required,
-                                   memory_dedup_set_broker_required);
-    object_class_property_set_description(oc, "broker-required",
-        "fail when the broker cannot be reached (default off: retry)");
+    for (size_t i = 0; i < ARRAY_SIZE(memory_dedup_str_props); i++) {
+        const MemoryDedupStrProp *p = &memory_dedup_str_props[i];
+
+        object_class_property_add_str(oc, p->name, p->get, p->set);
+        object_class_property_set_description(oc, p->name, p->desc);
+    }
+    for (size_t i = 0; i < ARRAY_SIZE(memory_dedup_bool_props); i++) {
+        const MemoryDedupBoolProp *p = &memory_dedup_bool_props[i];
+
+        object_class_property_add_bool(oc, p->name, p->get, p->set);
+        object_class_property_set_description(oc, p->name, p->desc);
+    }
+    for (size_t i = 0; i < ARRAY_SIZE(memory_dedup_num_props); i++) {
+        const MemoryDedupNumProp *p = &memory_dedup_num_props[i];
+
+        object_class_property_add(oc, p->name, p->type,
+                                  !strcmp(p->type, "uint32") ? memory_dedup_get_u32
+                                                             : memory_dedup_get_u64,
+                                  p->set, NULL, (void *)p->offset);
+        object_class_property_set_description(oc, p->name, p->desc);
+    }
 }
 
 static const TypeInfo memory_dedup_info_type = {
