@@ -4,6 +4,7 @@
 #define QDEDUP_ENGINE_INTERNAL_H
 
 #include <glib.h>
+#include <time.h>
 
 #include "engine.h"
 #include "qdedup/client.h"
@@ -108,5 +109,14 @@ const uint8_t *broker_pool_page(DedupEngine *e, uint64_t slot);
 void broker_close(DedupEngine *e);
 
 void engine_notify(DedupEngine *e, DedupEvent ev);
+
+/* CPU time of the calling thread, for cpu-ms and the CPU limit. */
+static inline int64_t thread_cpu_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1000000000ll + ts.tv_nsec;
+}
 
 #endif

@@ -34,14 +34,6 @@
 
 #define COW_COOLDOWN_PASSES 8
 
-static int64_t thread_cpu_ns(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return ts.tv_sec * 1000000000ll + ts.tv_nsec;
-}
-
 void engine_notify(DedupEngine *e, DedupEvent ev)
 {
     if (e->cfg.notify) {

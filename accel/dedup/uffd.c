@@ -118,14 +118,6 @@ void uffd_wake(DedupEngine *e, void *addr, size_t len)
     ioctl(e->uffd, UFFDIO_WAKE, &r);
 }
 
-static int64_t thread_cpu_ns(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return ts.tv_sec * 1000000000ll + ts.tv_nsec;
-}
-
 void dedup_engine_run_faults(DedupEngine *e)
 {
     struct pollfd pfd[2] = { { e->uffd, POLLIN, 0 }, { e->stop_fd, POLLIN, 0 } };
