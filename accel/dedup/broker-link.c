@@ -106,7 +106,7 @@ static bool restore_refs(DedupEngine *e)
 
             if (res[k].result != QD_RESULT_HIT) {
                 /* Not ours any more: copy it out before the slot is punched. */
-                m->r->kind[m->page] = PAGE_COWED;
+                region_set_page(m->r, m->page, PAGE_COWED, m->r->slot[m->page]);
                 if (!restore_page(e, m->r, m->page, false)) {
                     g_warning("memory-dedup: cannot unmerge page %zu of %s",
                               m->page, m->r->name);

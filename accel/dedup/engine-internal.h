@@ -38,6 +38,7 @@ typedef struct Region {
     uint8_t *cooldown;      /* passes to skip: COWed soon after merging */
     uint32_t *slot;         /* PAGE_MERGED/COWED: pool slot we hold a reference to */
     uint64_t *hash;         /* low 64 bits of the last hash, 0: none */
+    uint64_t vmas;          /* extra VMAs our mappings cost here (I7) */
 } Region;
 
 typedef struct Broker {
@@ -95,8 +96,10 @@ typedef struct MergeItem {
 } MergeItem;
 /* Merge items (sorted by region and page); unreferences what does not merge. */
 void merge_pages(DedupEngine *e, MergeItem *items, size_t n);
+void region_set_page(Region *r, size_t page, uint8_t kind, uint32_t slot);
 /* Drop the zero pages among pages[0..n) of r (I4). */
 void drop_zero_pages(DedupEngine *e, Region *r, const size_t *pages, size_t n);
+void thp_split_batch(DedupEngine *e, Region *r, const uint8_t *pm, size_t first, size_t n);
 /* Move a COWed page back to anonymous memory; release its slot if asked. */
 bool restore_page(DedupEngine *e, Region *r, size_t page, bool release);
 int remap_flags(Region *r, void *addr, size_t len);

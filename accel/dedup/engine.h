@@ -57,6 +57,7 @@ typedef struct DedupStats {
     uint64_t last_pass_ms;
     uint64_t zero_pages;        /* dropped now */
     uint64_t zero_dropped;      /* dropped, all passes */
+    uint64_t thp_splits;        /* huge pages split after we punched holes (thp.c) */
     uint64_t merged_pages;      /* mapped to the pool now */
     uint64_t pool_refs;         /* broker references held now */
     uint64_t merges;            /* pages merged, all passes */

@@ -111,8 +111,7 @@ static void merge_run(DedupEngine *e, MergeItem *it, size_t n, GArray *unref)
 
                     g_array_append_val(unref, old);
                 }
-                r->kind[p] = PAGE_MERGED;
-                r->slot[p] = it[j].slot;
+                region_set_page(r, p, PAGE_MERGED, it[j].slot);
                 e->st.merges++;
             }
         } else {
@@ -237,8 +236,7 @@ bool restore_page(DedupEngine *e, Region *r, size_t page, bool release)
         munmap(staging, DEDUP_PAGE);
         return false;
     }
-    r->kind[page] = PAGE_MOVED;
-    r->slot[page] = DEDUP_NO_SLOT;
+    region_set_page(r, page, PAGE_MOVED, DEDUP_NO_SLOT);
     if (release) {
         broker_unref(e, &old, 1);
     }

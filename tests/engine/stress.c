@@ -14,6 +14,7 @@
  */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -139,6 +140,25 @@ static void *scanner(void *e)
     return NULL;
 }
 
+/* VMAs the kernel has in [start, end), from /proc/self/maps. */
+static uint64_t count_vmas(uintptr_t start, uintptr_t end)
+{
+    FILE *f = fopen("/proc/self/maps", "r");
+    unsigned long lo, hi;
+    char line[512];
+    uint64_t n = 0;
+
+    while (f && fgets(line, sizeof(line), f)) {
+        if (sscanf(line, "%lx-%lx", &lo, &hi) == 2 && lo < end && hi > start) {
+            n++;
+        }
+    }
+    if (f) {
+        fclose(f);
+    }
+    return n;
+}
+
 static void *faults(void *e)
 {
     dedup_engine_run_faults(e);
@@ -155,6 +175,9 @@ int main(int argc, char **argv)
     DedupEngine *e;
     char *err = NULL;
     int ok = 1, n = 0;
+    bool vma_ok;
+    DedupStats end;
+    uint64_t kernel_vmas;
     uint64_t final_bad = 0, total;
 
     if (argc < 3) {
@@ -167,8 +190,11 @@ int main(int argc, char **argv)
     ops_per_thread = total / THREADS;
     srand(argc > 4 ? atoi(argv[4]) : 1);
 
-    ram = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE,
+    /* 2 MiB aligned and THP-backed where the host allows, as QEMU's RAM is. */
+    ram = mmap(NULL, npages * PAGE + (2 << 20), PROT_READ | PROT_WRITE,
                MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ram = (uint8_t *)(((uintptr_t)ram + (2 << 20) - 1) & ~(uintptr_t)((2 << 20) - 1));
+    madvise(ram, npages * PAGE, MADV_HUGEPAGE);
     shadow = calloc(npages, sizeof(*shadow));
     /* Start: a quarter zero, half shared, a quarter unique. */
     for (size_t p = 0; p < npages; p++) {
@@ -178,7 +204,7 @@ int main(int argc, char **argv)
                                         : 1 + rand() % SHARED_VALUES;
         fill(ram + p * PAGE, shadow[p]);
     }
-    printf("TAP version 13\n1..7\n");
+    printf("TAP version 13\n1..8\n");
     e = dedup_engine_new(&cfg, &err);
     if (!e) {
         printf("not ok 1 - engine starts: %s\n", err);
@@ -212,6 +238,17 @@ int main(int argc, char **argv)
     pthread_join(ts, NULL);
     pthread_join(tf, NULL);
     atomic_store(&engine_done, true);
+    kernel_vmas = count_vmas((uintptr_t)ram, (uintptr_t)ram + npages * PAGE);
+    dedup_engine_get_stats(e, &end);
+    /*
+     * The engine's count is a model (engine.c): two neighbouring pool runs
+     * with consecutive slots stay two VMAs when each already holds COWed
+     * pages (different anon_vmas), which it does not track.  Seen: 1-3 in
+     * 8000 under this test's churn.  Allow 1%, which still catches a
+     * count that misses whole kinds of changes.
+     */
+    vma_ok = kernel_vmas >= end.vmas_used + 1 - end.vmas_used / 100 &&
+             kernel_vmas <= end.vmas_used + 1 + end.vmas_used / 100;
     for (size_t p = 0; p < npages; p++) {
         if (!check_page(ram + p * PAGE, shadow[p])) {
             final_bad++;
@@ -220,7 +257,7 @@ int main(int argc, char **argv)
     }
     printf("# %llu ops (%llu full checks); passes %llu, scanned %llu, merges %llu, "
            "merged now %llu, zero dropped %llu (now %llu), COWs %llu, restored %llu, "
-           "mismatches %llu, wp faults %llu, VMAs %llu, cpu %.1f s, broker %s\n",
+           "mismatches %llu, wp faults %llu, VMAs %llu, THP splits %llu, cpu %.1f s, broker %s\n",
            (unsigned long long)atomic_load(&done_ops),
            (unsigned long long)atomic_load(&full_checks),
            (unsigned long long)st.passes, (unsigned long long)st.scanned_pages,
@@ -228,7 +265,8 @@ int main(int argc, char **argv)
            (unsigned long long)st.zero_dropped, (unsigned long long)st.zero_pages,
            (unsigned long long)st.cow_events, (unsigned long long)st.restored,
            (unsigned long long)st.mismatches, (unsigned long long)st.wp_faults,
-           (unsigned long long)st.vmas_used, st.cpu_ns / 1e9,
+           (unsigned long long)st.vmas_used, (unsigned long long)st.thp_splits,
+           st.cpu_ns / 1e9,
            st.broker_connected ? "connected" : "not connected");
     printf("%s %d - %llu operations, every read matched the shadow (no lost write, "
            "no stale or zero read)\n", atomic_load(&bad) ? "not ok" : "ok", ++n,
@@ -241,7 +279,10 @@ int main(int argc, char **argv)
            st.cow_events ? "ok" : "not ok", ++n, (unsigned long long)st.cow_events);
     printf("%s %d - zero pages were dropped (%llu)\n",
            st.zero_dropped ? "ok" : "not ok", ++n, (unsigned long long)st.zero_dropped);
-    ok = !atomic_load(&bad) && !final_bad && st.merges && st.cow_events && st.zero_dropped;
+    printf("%s %d - VMA accounting matches the kernel: vmas-used %llu, "
+           "the kernel has %llu VMAs over the region\n", vma_ok ? "ok" : "not ok",
+           ++n, (unsigned long long)end.vmas_used, (unsigned long long)kernel_vmas);
+    ok = vma_ok && !atomic_load(&bad) && !final_bad && st.merges && st.cow_events && st.zero_dropped;
     dedup_engine_free(e);
     return ok ? 0 : 1;
 }
