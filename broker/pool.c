@@ -74,6 +74,48 @@ gboolean pool_create(Pool *p, uint64_t max_slots, GError **errp)
     return TRUE;
 }
 
+/*
+ * Calls fn for every slot that holds data: SEEK_DATA/SEEK_HOLE walk the
+ * populated ranges only, as the pool is sparse.
+ */
+static void foreach_populated(Pool *p, void (*fn)(Pool *, uint64_t, void *), void *opaque)
+{
+    off_t pos = 0, end = (off_t)(p->max_slots * QD_PAGE_SIZE);
+
+    while (pos < end) {
+        off_t data = lseek(p->fd, pos, SEEK_DATA), hole;
+
+        if (data < 0) {
+            break;
+        }
+        hole = lseek(p->fd, data, SEEK_HOLE);
+        if (hole < 0) {
+            hole = end;
+        }
+        for (uint64_t s = data / QD_PAGE_SIZE; s * QD_PAGE_SIZE < (uint64_t)hole; s++) {
+            fn(p, s, opaque);
+        }
+        pos = hole;
+    }
+}
+
+static void hold_one(Pool *p, uint64_t slot, void *opaque)
+{
+    p->held[slot / BITS] |= 1ull << (slot % BITS);
+}
+
+/*
+ * A client of the previous broker may map any slot that holds data.  Until
+ * the sweep, none of them is handed out again or punched, even when the
+ * clients that restored it let go of it: one that has not restored yet may
+ * still map it, and would see its merged pages change or read zeros.
+ */
+static void hold_populated(Pool *p)
+{
+    p->held = g_new0(uint64_t, (p->max_slots + BITS - 1) / BITS);
+    foreach_populated(p, hold_one, NULL);
+}
+
 gboolean pool_adopt(Pool *p, int fd, uint64_t max_slots, GError **errp)
 {
     char path[64], link[128];
@@ -125,6 +167,7 @@ gboolean pool_adopt(Pool *p, int fd, uint64_t max_slots, GError **errp)
         close(rw);
         return FALSE;
     }
+    hold_populated(p);
     return TRUE;
 }
 
@@ -137,6 +180,7 @@ void pool_destroy(Pool *p)
         close(p->fd);
     }
     g_free(p->used);
+    g_free(p->held);
     memset(p, 0, sizeof(*p));
     p->fd = -1;
 }
@@ -164,6 +208,11 @@ static void mark(Pool *p, uint64_t slot)
     }
 }
 
+static uint64_t taken_word(const Pool *p, uint64_t w)
+{
+    return p->used[w] | (p->held ? p->held[w] : 0);
+}
+
 uint64_t pool_alloc_run(Pool *p, uint32_t n)
 {
     uint64_t start = p->low_free, len = 0;
@@ -173,12 +222,12 @@ uint64_t pool_alloc_run(Pool *p, uint32_t n)
     }
     for (uint64_t i = p->low_free; i < p->max_slots; i++) {
         /* Skip whole used words quickly. */
-        if (i % BITS == 0 && p->used[i / BITS] == UINT64_MAX) {
+        if (i % BITS == 0 && taken_word(p, i / BITS) == UINT64_MAX) {
             i += BITS - 1;
             len = 0;
             continue;
         }
-        if (bit(p->used, i)) {
+        if (bit(p->used, i) || (p->held && bit(p->held, i))) {
             len = 0;
             continue;
         }
@@ -217,6 +266,12 @@ gboolean pool_slot_used(const Pool *p, uint64_t slot)
 void pool_free(Pool *p, uint64_t slot)
 {
     g_assert(pool_slot_used(p, slot));
+    if (p->held && bit(p->held, slot)) {
+        /* A client that has not restored yet may map it: the sweep decides. */
+        p->used[slot / BITS] &= ~(1ull << (slot % BITS));
+        p->nused--;
+        return;
+    }
     if (fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                   (off_t)(slot * QD_PAGE_SIZE), QD_PAGE_SIZE) < 0) {
         /* The slot is still freed for reuse; its memory stays until then. */
@@ -237,30 +292,23 @@ uint64_t pool_resident_bytes(const Pool *p)
     return fstat(p->fd, &st) == 0 ? (uint64_t)st.st_blocks * 512 : 0;
 }
 
+static void punch_unused_one(Pool *p, uint64_t slot, void *opaque)
+{
+    uint64_t *punched = opaque;
+
+    if (!bit(p->used, slot)) {
+        fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  (off_t)(slot * QD_PAGE_SIZE), QD_PAGE_SIZE);
+        (*punched)++;
+    }
+}
+
 uint64_t pool_punch_unused(Pool *p)
 {
     uint64_t punched = 0;
-    off_t pos = 0, end = (off_t)(p->max_slots * QD_PAGE_SIZE);
 
-    /* Walk the populated ranges only: the pool is sparse. */
-    while (pos < end) {
-        off_t data = lseek(p->fd, pos, SEEK_DATA), hole;
-
-        if (data < 0) {
-            break;
-        }
-        hole = lseek(p->fd, data, SEEK_HOLE);
-        if (hole < 0) {
-            hole = end;
-        }
-        for (uint64_t s = data / QD_PAGE_SIZE; s * QD_PAGE_SIZE < (uint64_t)hole; s++) {
-            if (!bit(p->used, s)) {
-                fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                          (off_t)(s * QD_PAGE_SIZE), QD_PAGE_SIZE);
-                punched++;
-            }
-        }
-        pos = hole;
-    }
+    foreach_populated(p, punch_unused_one, &punched);
+    g_clear_pointer(&p->held, g_free);
+    p->low_free = 0;
     return punched;
 }

@@ -21,6 +21,11 @@ typedef struct Pool {
     uint8_t *map;           /* whole pool, MAP_SHARED */
     uint64_t max_slots;
     uint64_t *used;         /* bitmap of allocated slots */
+    /*
+     * After adoption, until the sweep: slots that held data then.  A client
+     * that has not restored yet may map them: never reused or punched.
+     */
+    uint64_t *held;
     uint64_t nused;
     uint64_t low_free;      /* no free slot below this */
     uint64_t high_water;    /* no allocated slot at or above this */
@@ -56,7 +61,10 @@ static inline uint8_t *pool_page(Pool *p, uint64_t slot)
 
 /* Bytes of memory the pool's file really holds. */
 uint64_t pool_resident_bytes(const Pool *p);
-/* Punch every slot not marked used (after a restart); returns slots punched. */
+/*
+ * The restart sweep: punch every slot that holds data and is not used, and
+ * make the slots held since adoption free again; returns slots punched.
+ */
 uint64_t pool_punch_unused(Pool *p);
 
 #endif

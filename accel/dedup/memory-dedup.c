@@ -65,6 +65,7 @@ struct MemoryDedup {
     bool machine_done_added;
     RAMBlockNotifier ram_notifier;
     bool ram_notifier_added;
+    bool detaching;         /* object-del: RAM stays, merged pages stay mapped */
     GPtrArray *covered;        /* RAMBlock * we gave the engine */
     GPtrArray *refused;        /* char *: "block: reason" */
 };
@@ -197,6 +198,14 @@ static void memory_dedup_ram_removed(RAMBlockNotifier *n, void *host, size_t siz
 {
     MemoryDedup *md = container_of(n, MemoryDedup, ram_notifier);
 
+    /*
+     * ram_block_notifier_remove() reports every block as removed, but on
+     * object-del the RAM stays mapped, pool pages and all: releasing their
+     * references now would let the broker punch slots we still map (I2).
+     */
+    if (md->detaching) {
+        return;
+    }
     for (guint i = 0; i < md->covered->len; i++) {
         RAMBlock *rb = g_ptr_array_index(md->covered, i);
 
@@ -322,6 +331,7 @@ static void memory_dedup_finalize(Object *obj)
         qemu_thread_join(&md->uffd_thread);
     }
     if (md->ram_notifier_added) {
+        md->detaching = true;
         ram_block_notifier_remove(&md->ram_notifier);
     }
     for (guint i = 0; md->covered && i < md->covered->len; i++) {
@@ -516,6 +526,7 @@ static MemoryDedupInfo *memory_dedup_info(MemoryDedup *md)
     info->merges = st.merges;
     info->restored = st.restored;
     info->mismatches = st.mismatches;
+    info->huge_pages_split = st.thp_splits;
     info->vmas_used = st.vmas_used;
     info->vma_budget = md->max_vmas;
     info->metadata_bytes = st.metadata_bytes;

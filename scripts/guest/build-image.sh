@@ -3,7 +3,8 @@
 #
 # Build the test guest from Debian packages: Debian's kernel (the package
 # linux-image-amd64 points at, downloaded, not installed) and a busybox
-# initramfs whose /init runs a workload chosen on the kernel command line.
+# initramfs whose /init runs a workload chosen on the kernel command line,
+# with memcheck (memcheck.c), the in-guest memory integrity checker.
 #
 # Usage: build-image.sh [--cache-dir=DIR] OUTDIR
 #
@@ -35,14 +36,14 @@ die() {
     exit 1
 }
 
-inputs=$(cat "$0" "$here/init" "$here"/workloads/*.sh | sha256sum | cut -d' ' -f1)
+inputs=$(cat "$0" "$here/init" "$here/memcheck.c" "$here"/workloads/*.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.cpio.gz" ] &&
     grep -qx "inputs $inputs" "$out/manifest" 2>/dev/null; then
     echo "build-image: $out is up to date ($(sed -n 's/^kernel //p' "$out/manifest"))"
     exit 0
 fi
 
-for tool in busybox cpio gzip dpkg-deb; do
+for tool in busybox cpio gzip dpkg-deb cc; do
     command -v $tool >/dev/null || die "$tool not found (Debian packages busybox-static, cpio, gzip, dpkg)"
 done
 busybox=$(command -v busybox)
@@ -82,6 +83,9 @@ cp "$busybox" "$root/bin/busybox"
 cp "$here/init" "$root/init"
 chmod 755 "$root/init" "$root/bin/busybox"
 cp "$here"/workloads/*.sh "$root/workloads/"
+# The integrity checker: static, so it needs nothing else in the image.
+cc -static -O2 -Wall -o "$root/bin/memcheck" "$here/memcheck.c" ||
+    die "cannot build memcheck statically (Debian package libc6-dev)"
 
 # module_deps NAME: NAME's dependencies, from the module's .modinfo section.
 module_deps() {
