@@ -54,6 +54,9 @@ void broker_unref(DedupEngine *e, const uint64_t *slots, size_t n)
 {
     Broker *b = &e->broker;
 
+    if (n) {
+        engine_trace(e, DEDUP_TRACE_UNREF, NULL, n, 0);
+    }
     for (size_t i = 0; i < n && b->connected; i += QD_MAX_UNREF) {
         QdError err;
         int ret = qd_client_unref(&b->client, slots + i, MIN(n - i, QD_MAX_UNREF), &err);

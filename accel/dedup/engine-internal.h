@@ -97,6 +97,14 @@ typedef struct MergeItem {
 /* Merge items (sorted by region and page); unreferences what does not merge. */
 void merge_pages(DedupEngine *e, MergeItem *items, size_t n);
 void region_set_page(Region *r, size_t page, uint8_t kind, uint32_t slot);
+
+static inline void engine_trace(DedupEngine *e, DedupTrace what, const Region *r,
+                                uint64_t a, uint64_t b)
+{
+    if (e->cfg.trace) {
+        e->cfg.trace(e->cfg.opaque, what, r ? r->name : "", a, b);
+    }
+}
 /* Drop the zero pages among pages[0..n) of r (I4). */
 void drop_zero_pages(DedupEngine *e, Region *r, const size_t *pages, size_t n);
 void thp_split_batch(DedupEngine *e, Region *r, const uint8_t *pm, size_t first, size_t n);

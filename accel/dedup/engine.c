@@ -267,6 +267,7 @@ typedef struct Batch {
 /* Counters of the pass in progress, published when it ends. */
 typedef struct PassTotals {
     uint64_t zero_now, merged_now, refs_now;
+    uint64_t changed;       /* pages whose content changed since the last pass */
 } PassTotals;
 
 static bool budget_left(DedupEngine *e, uint64_t extra)
@@ -302,6 +303,7 @@ static void classify(DedupEngine *e, Batch *b, PassTotals *t, bool merging)
             if ((f & PM_PRESENT) && !(f & PM_FILE)) {
                 region_set_page(r, p, PAGE_COWED, r->slot[p]);
                 r->cooldown[p] = COW_COOLDOWN_PASSES;
+                engine_trace(e, DEDUP_TRACE_COW, r, p, r->slot[p]);
                 r->hash[p] = 0;
                 e->st.cow_events++;
                 t->refs_now++;
@@ -331,9 +333,11 @@ static void classify(DedupEngine *e, Batch *b, PassTotals *t, bool merging)
             } else if (kind == PAGE_COWED) {
                 b->cowed[b->ncowed++] = p;
             }
+            t->changed += r->hash[p] != 0;
             r->hash[p] = 0;
             continue;
         }
+        t->changed += r->hash[p] != h.lo;
         if (merging && r->hash[p] == h.lo) {
             b->lookup[b->nlookup++] = (QdLookupEntry) { .hash = h, .cookie = p };
         } else if (kind == PAGE_COWED && r->hash[p]) {
@@ -363,6 +367,14 @@ static void lookup_and_merge(DedupEngine *e, Batch *b)
     if (ret) {
         broker_lost(e, ret < 0 ? g_strerror(-ret) : err.message);
         return;
+    }
+    if (e->cfg.trace) {
+        size_t hits = 0;
+
+        for (size_t i = 0; i < b->nlookup; i++) {
+            hits += b->result[i].result == QD_RESULT_HIT;
+        }
+        engine_trace(e, DEDUP_TRACE_LOOKUP, b->r, b->nlookup, hits);
     }
     for (size_t i = 0; i < b->nlookup; i++) {
         if (b->result[i].result == QD_RESULT_HIT) {
@@ -394,6 +406,7 @@ static void lookup_and_merge(DedupEngine *e, Batch *b)
                 items[nitems++] = (MergeItem) { b->r, pe[j].cookie, pr[j].slot };
             }
         }
+        engine_trace(e, DEDUP_TRACE_PUBLISH, b->r, n, nitems);
     }
     if (!nitems) {
         return;
@@ -464,14 +477,30 @@ static bool pace(DedupEngine *e, int64_t cpu_ns, int64_t wall_ns, int64_t extra_
     return go;
 }
 
+/* Work a pass did: merges, drops, COWs, restores. */
+static uint64_t work_done(const DedupStats *st)
+{
+    return st->merges + st->zero_dropped + st->cow_events + st->restored;
+}
+
+/*
+ * The pause after a pass: pass-interval, doubled after each pass in which
+ * nothing changed and nothing was done, up to IDLE_BACKOFF_MAX doublings.
+ * A settled guest then costs a pass every 8 s instead of every 0.5 s; a
+ * guest that writes keeps the short interval.
+ */
+#define IDLE_BACKOFF_MAX 4
+
 void dedup_engine_run_scanner(DedupEngine *e)
 {
     Batch *b = g_new0(Batch, 1);
+    unsigned idle_passes = 0;
 
     while (pace(e, 0, 0, 0)) {
         int64_t pass_start = g_get_monotonic_time();
         PassTotals t = { 0 };
         size_t ri = 0, page = 0;
+        uint64_t work_before = work_done(&e->st);
 
         for (;;) {
             int64_t cpu0 = thread_cpu_ns(), wall0 = g_get_monotonic_time();
@@ -510,8 +539,10 @@ void dedup_engine_run_scanner(DedupEngine *e)
             e->budget_reported = false;
             e->st.vma_budget_reached = false;
         }
+        idle_passes = t.changed || work_done(&e->st) != work_before
+                      ? 0 : MIN(idle_passes + 1, IDLE_BACKOFF_MAX);
         g_mutex_unlock(&e->lock);
-        if (!pace(e, 0, 0, e->cfg.pass_interval_ms)) {
+        if (!pace(e, 0, 0, (int64_t)e->cfg.pass_interval_ms << idle_passes)) {
             break;
         }
     }

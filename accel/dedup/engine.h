@@ -31,6 +31,17 @@ typedef enum DedupEvent {
     DEDUP_EVENT_VMA_BUDGET,         /* stopped merging: max-vmas reached */
 } DedupEvent;
 
+/* What the engine reports for tracing (DedupConfig.trace), with a and b. */
+typedef enum DedupTrace {
+    DEDUP_TRACE_MERGED,         /* a run merged: first page, pages */
+    DEDUP_TRACE_COW,            /* the guest wrote to a merged page: page, slot */
+    DEDUP_TRACE_RESTORED,       /* a written page moved back: page, slot released */
+    DEDUP_TRACE_ZERO,           /* zero pages dropped: first page, pages */
+    DEDUP_TRACE_LOOKUP,         /* LOOKUP: entries, hits */
+    DEDUP_TRACE_PUBLISH,        /* PUBLISH: pages, stored or hit */
+    DEDUP_TRACE_UNREF,          /* UNREF: slots */
+} DedupTrace;
+
 typedef struct DedupConfig {
     const char *broker;         /* socket path; NULL: the broker's default */
     const char *domain;         /* trust domain; "" or NULL: share with nobody */
@@ -44,6 +55,8 @@ typedef struct DedupConfig {
     uint64_t max_vmas;          /* VMAs we may add (I7) */
     /* Called from the engine's threads; must not block (schedule a BH). */
     void (*notify)(void *opaque, DedupEvent ev);
+    /* Called from the engine's threads with its locks held: cheap, no blocking. */
+    void (*trace)(void *opaque, DedupTrace what, const char *region, uint64_t a, uint64_t b);
     void *opaque;
 } DedupConfig;
 

@@ -68,6 +68,7 @@ struct MemoryDedup {
     bool detaching;         /* object-del: RAM stays, merged pages stay mapped */
     GPtrArray *covered;        /* RAMBlock * we gave the engine */
     GPtrArray *refused;        /* char *: "block: reason" */
+    char *id;                   /* for the engine's threads (trace, events) */
 };
 
 static const char *memory_dedup_id(MemoryDedup *md)
@@ -111,11 +112,42 @@ static void memory_dedup_notify(void *opaque, DedupEvent ev)
     MemoryDedup *md = opaque;
     DedupEventBH *e = g_new(DedupEventBH, 1);
 
-    trace_memory_dedup_event(memory_dedup_id(md), ev);
+    trace_memory_dedup_event(md->id, ev);
     e->md = md;
     e->ev = ev;
     object_ref(OBJECT(md));
     aio_bh_schedule_oneshot(qemu_get_aio_context(), memory_dedup_event_bh, e);
+}
+
+/* The engine's trace points, as QEMU trace events (cheap when disabled). */
+static void memory_dedup_trace(void *opaque, DedupTrace what, const char *block,
+                               uint64_t a, uint64_t b)
+{
+    const char *id = ((MemoryDedup *)opaque)->id;
+
+    switch (what) {
+    case DEDUP_TRACE_MERGED:
+        trace_memory_dedup_merged(id, block, a, b);
+        break;
+    case DEDUP_TRACE_COW:
+        trace_memory_dedup_cow(id, block, a, b);
+        break;
+    case DEDUP_TRACE_RESTORED:
+        trace_memory_dedup_restored(id, block, a, b);
+        break;
+    case DEDUP_TRACE_ZERO:
+        trace_memory_dedup_zero_dropped(id, block, a, b);
+        break;
+    case DEDUP_TRACE_LOOKUP:
+        trace_memory_dedup_broker_lookup(id, a, b);
+        break;
+    case DEDUP_TRACE_PUBLISH:
+        trace_memory_dedup_broker_publish(id, a, b);
+        break;
+    case DEDUP_TRACE_UNREF:
+        trace_memory_dedup_broker_unref(id, a);
+        break;
+    }
 }
 
 /* Why a RAM block cannot be merged, or NULL. */
@@ -267,10 +299,14 @@ static void memory_dedup_complete(UserCreatable *uc, Error **errp)
         .broker = md->broker, .domain = md->domain, .name = qemu_name,
         .zero_pages = md->zero_pages, .merge = md->merge,
         .cpu_limit = md->cpu_limit, .pass_interval_ms = md->pass_interval,
-        .max_vmas = md->max_vmas, .notify = memory_dedup_notify, .opaque = md,
+        .max_vmas = md->max_vmas, .notify = memory_dedup_notify,
+        .trace = memory_dedup_trace, .opaque = md,
     };
     g_autofree char *secret = NULL;
     char *err = NULL;
+
+    /* Looked up once: the engine's threads must not walk QOM. */
+    md->id = g_strdup(memory_dedup_id(md));
 
     if (md->cpu_limit < 1 || md->cpu_limit > 100) {
         error_setg(errp, "memory-dedup: cpu-limit must be 1-100 (percent of one core), "
@@ -353,6 +389,7 @@ static void memory_dedup_finalize(Object *obj)
     g_free(md->domain);
     g_free(md->secret_id);
     g_free(md->memdev);
+    g_free(md->id);
 }
 
 static void memory_dedup_init(Object *obj)

@@ -102,6 +102,7 @@ static void merge_run(DedupEngine *e, MergeItem *it, size_t n, GArray *unref)
             k++;
         }
         if (map_run(e, r, it[i].page, it[i].slot, k)) {
+            engine_trace(e, DEDUP_TRACE_MERGED, r, it[i].page, k);
             for (size_t j = i; j < i + k; j++) {
                 size_t p = it[j].page;
 
@@ -196,6 +197,7 @@ void drop_zero_pages(DedupEngine *e, Region *r, const size_t *pages, size_t n)
                 dontneed(iov, nz);
             }
             e->st.zero_dropped += nz;
+            engine_trace(e, DEDUP_TRACE_ZERO, r, pages[i], nz);
             uffd_protect(e, base, len, false);
             uffd_wake(e, base, len);
         }
@@ -237,6 +239,7 @@ bool restore_page(DedupEngine *e, Region *r, size_t page, bool release)
         return false;
     }
     region_set_page(r, page, PAGE_MOVED, DEDUP_NO_SLOT);
+    engine_trace(e, DEDUP_TRACE_RESTORED, r, page, old);
     if (release) {
         broker_unref(e, &old, 1);
     }

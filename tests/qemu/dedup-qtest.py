@@ -100,6 +100,8 @@ try:
             "-accel", "qtest", "-qtest", f"unix:{os.path.join(tmp, f'qtest{i}.sock')}",
             "-machine", "pc", "-nodefaults", "-display", "none", "-m", "128",
             "-name", f"vm{i},debug-threads=on",
+            "-trace", "memory_dedup_merged", "-trace", "memory_dedup_cow",
+            "-trace", "memory_dedup_broker_lookup",
             "-object", f"memory-dedup,id=d0,broker={bsock},domain=qtest,enabled=off,"
                        "pass-interval=100,cpu-limit=100"])
         vms.append(q.__enter__())
@@ -152,6 +154,13 @@ try:
             if qt.read(BASE + i * PAGE, PAGE) != want_page:
                 bad.append((vm, i))
     t.check(not bad, "every page reads back right after merging and writing", bad[:10])
+    deadline = time.monotonic() + 30
+    while vms[0].qmp.cmd("query-memory-dedup")[0]["cow-events"] == 0 and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = vms[0].output()
+    for ev in ("memory_dedup_merged", "memory_dedup_cow", "memory_dedup_broker_lookup"):
+        t.check(f"{ev} id=d0" in log, f"trace event {ev} fires", log[-500:])
     threads = os.listdir(f"/proc/{vms[0].proc.pid}/task")
     names = {open(f"/proc/{vms[0].proc.pid}/task/{x}/comm").read().strip() for x in threads}
     t.check({"dedup-scan", "dedup-uffd"} <= names, "our threads are named dedup-*",
