@@ -35,7 +35,8 @@ typedef struct Region {
     size_t npages;
     unsigned flags;         /* DEDUP_REGION_* */
     uint8_t *kind;          /* PAGE_* */
-    uint8_t *cooldown;      /* passes to skip: COWed soon after merging */
+    uint8_t *cooldown;      /* passes to skip: COWed soon after merging, or no match */
+    uint8_t *misses;        /* lookups without a match since the content changed */
     uint32_t *slot;         /* PAGE_MERGED/COWED: pool slot we hold a reference to */
     uint64_t *hash;         /* low 64 bits of the last hash, 0: none */
     uint64_t vmas;          /* extra VMAs our mappings cost here (I7) */

@@ -4,7 +4,8 @@
  *
  * A pass walks every region in batches.  Per page it keeps the low 64 bits
  * of the last hash, what the page maps (engine-internal.h PAGE_*), the slot
- * it holds a reference to, and a cooldown: 14 bytes a page, 0.34% of RAM.
+ * it holds a reference to, a cooldown and a count of lookups without a
+ * match: 15 bytes a page, 0.37% of RAM.
  *
  * - absent pages are never read (reading would populate them);
  * - a zero page of anonymous RAM is dropped at once (merge.c, I4);
@@ -33,6 +34,7 @@
 #include "engine-internal.h"
 
 #define COW_COOLDOWN_PASSES 8
+#define MISS_BACKOFF_MAX 4         /* up to 2^4 passes between lookups of a page */
 
 void engine_notify(DedupEngine *e, DedupEvent ev)
 {
@@ -92,6 +94,7 @@ static void region_free(Region *r)
     g_free(r->name);
     g_free(r->kind);
     g_free(r->cooldown);
+    g_free(r->misses);
     g_free(r->slot);
     g_free(r->hash);
     g_free(r);
@@ -152,6 +155,7 @@ int dedup_engine_add_region(DedupEngine *e, const char *name, void *host,
     r->flags = flags;
     r->kind = g_new0(uint8_t, r->npages);
     r->cooldown = g_new0(uint8_t, r->npages);
+    r->misses = g_new0(uint8_t, r->npages);
     r->slot = g_new(uint32_t, r->npages);
     memset(r->slot, 0xff, r->npages * sizeof(uint32_t));
     r->hash = g_new0(uint64_t, r->npages);
@@ -337,7 +341,10 @@ static void classify(DedupEngine *e, Batch *b, PassTotals *t, bool merging)
             r->hash[p] = 0;
             continue;
         }
-        t->changed += r->hash[p] != h.lo;
+        if (r->hash[p] != h.lo) {
+            t->changed++;
+            r->misses[p] = 0;
+        }
         if (merging && r->hash[p] == h.lo) {
             b->lookup[b->nlookup++] = (QdLookupEntry) { .hash = h, .cookie = p };
         } else if (kind == PAGE_COWED && r->hash[p]) {
@@ -381,8 +388,19 @@ static void lookup_and_merge(DedupEngine *e, Batch *b)
             items[nitems++] = (MergeItem) { b->r, b->lookup[i].cookie, b->result[i].slot };
         } else if (b->result[i].result == QD_RESULT_PUBLISH) {
             publish[npublish++] = i;
-        } else if ((b->r->kind[b->lookup[i].cookie] & 0x7f) == PAGE_COWED) {
-            b->cowed[b->ncowed++] = b->lookup[i].cookie;
+        } else {
+            size_t p = b->lookup[i].cookie;
+
+            if ((b->r->kind[p] & 0x7f) == PAGE_COWED) {
+                b->cowed[b->ncowed++] = p;
+            }
+            /*
+             * No match (yet): ask again after 2, 4, 8, then every 16 passes
+             * while the content stays the same.  Stable unique pages were
+             * most of a settled guest's hashing and broker traffic.
+             */
+            b->r->misses[p] = MIN(b->r->misses[p] + 1, MISS_BACKOFF_MAX);
+            b->r->cooldown[p] = 1u << b->r->misses[p];
         }
     }
     for (size_t i = 0; i < npublish; i += QD_MAX_PUBLISH) {
@@ -485,7 +503,8 @@ static uint64_t work_done(const DedupStats *st)
 
 /*
  * The pause after a pass: pass-interval, doubled after each pass in which
- * nothing changed and nothing was done, up to IDLE_BACKOFF_MAX doublings.
+ * at most a thousandth of the pages changed and nothing was done, up to
+ * IDLE_BACKOFF_MAX doublings.
  * A settled guest then costs a pass every 8 s instead of every 0.5 s; a
  * guest that writes keeps the short interval.
  */
@@ -539,7 +558,9 @@ void dedup_engine_run_scanner(DedupEngine *e)
             e->budget_reported = false;
             e->st.vma_budget_reached = false;
         }
-        idle_passes = t.changed || work_done(&e->st) != work_before
+        /* A live guest always changes a few pages: a thousandth is quiet. */
+        idle_passes = t.changed > e->st.covered_bytes / DEDUP_PAGE / 1024 ||
+                      work_done(&e->st) != work_before
                       ? 0 : MIN(idle_passes + 1, IDLE_BACKOFF_MAX);
         g_mutex_unlock(&e->lock);
         if (!pace(e, 0, 0, (int64_t)e->cfg.pass_interval_ms << idle_passes)) {
@@ -559,7 +580,7 @@ void dedup_engine_get_stats(DedupEngine *e, DedupStats *st)
     for (guint i = 0; i < e->regions->len; i++) {
         Region *r = g_ptr_array_index(e->regions, i);
 
-        meta += sizeof(*r) + r->npages * (2 + sizeof(uint32_t) + sizeof(uint64_t));
+        meta += sizeof(*r) + r->npages * (3 + sizeof(uint32_t) + sizeof(uint64_t));
     }
     st->broker_connected = e->broker.connected;
     st->vmas_used = engine_vmas(e);

@@ -8,7 +8,6 @@ merged pages and reads everything back.
 
 Usage: dedup-qtest.py QEMU_BUILD_DIR OWN_BUILD_DIR"""
 
-import json
 import os
 import socket
 import subprocess
@@ -17,6 +16,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
+from host import broker_ctl, pss_kib  # noqa: E402
 from qmp import QemuProcess  # noqa: E402
 from tap import Tap  # noqa: E402
 
@@ -73,18 +73,8 @@ class QTest:
         return bytes.fromhex(reply.split()[1][2:])
 
 
-def pss_kib(pid):
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    return 0
-
-
 def ctl(what):
-    out = subprocess.run([CTL, f"--control={control}", "--json", what],
-                         capture_output=True, text=True, timeout=10)
-    return json.loads(out.stdout) if out.returncode == 0 else None
+    return broker_ctl(CTL, control, what)
 
 
 broker = subprocess.Popen([BROKER, "--pool-max=64M", f"--socket={bsock}",

@@ -11,7 +11,6 @@ broker and in the host's PSS of the three QEMUs.
 
 Usage: dedup-tcg.py QEMU_BUILD_DIR OWN_BUILD_DIR GUEST_DIR"""
 
-import json
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
+from host import broker_ctl, pss_kib  # noqa: E402
 from qmp import QemuProcess  # noqa: E402
 from tap import Tap  # noqa: E402
 
@@ -55,17 +55,7 @@ def start_broker():
 
 
 def ctl(what):
-    out = subprocess.run([CTL, f"--control={control}", "--json", what],
-                         capture_output=True, text=True, timeout=10)
-    return json.loads(out.stdout) if out.returncode == 0 else None
-
-
-def pss_kib(pid):
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    return 0
+    return broker_ctl(CTL, control, what)
 
 
 def console(vm):
