@@ -159,6 +159,25 @@ try:
     t.equal(vms[0].qmp.cmd("query-memory-dedup"), [], "object-del while merged")
     t.check(all(qts[0].read(BASE + i * PAGE, PAGE) == expected(0, i)
                 for i in range(1, SHARED, 13)), "merged pages still read right after object-del")
+    # Added again at run time: it takes over the pages where they are.
+    vms[0].qmp.cmd("object-add", **{"qom-type": "memory-dedup", "id": "d1",
+                                    "broker": bsock, "domain": "qtest",
+                                    "pass-interval": 100, "cpu-limit": 100})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        info = vms[0].qmp.cmd("query-memory-dedup")
+        if info and info[0]["merged-pages"] >= SHARED - SHARED // 97 - 1:
+            break
+        time.sleep(0.3)
+    t.check(info and info[0]["merged-pages"] >= SHARED - SHARED // 97 - 1,
+            "object-add again: the shared pages count as merged again", info)
+    for i in range(0, SHARED, 89):
+        qts[0].write(BASE + i * PAGE, page_bytes(66, i))
+    bad = [i for i in range(SHARED + UNIQUE + ZERO)
+           if qts[0].read(BASE + i * PAGE, PAGE) !=
+           (page_bytes(66, i) if i < SHARED and i % 89 == 0 else
+            page_bytes(55, i) if i < SHARED and i % 97 == 0 else expected(0, i))]
+    t.check(not bad, "after object-add, writes and reads are right everywhere", bad[:10])
 finally:
     for q in vms:
         q.__exit__(None, None, None)
