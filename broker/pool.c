@@ -213,6 +213,11 @@ static uint64_t taken_word(const Pool *p, uint64_t w)
     return p->used[w] | (p->held ? p->held[w] : 0);
 }
 
+static gboolean taken(const Pool *p, uint64_t slot)
+{
+    return bit(p->used, slot) || (p->held && bit(p->held, slot));
+}
+
 uint64_t pool_alloc_run(Pool *p, uint32_t n)
 {
     uint64_t start = p->low_free, len = 0;
@@ -227,7 +232,7 @@ uint64_t pool_alloc_run(Pool *p, uint32_t n)
             len = 0;
             continue;
         }
-        if (bit(p->used, i) || (p->held && bit(p->held, i))) {
+        if (taken(p, i)) {
             len = 0;
             continue;
         }

@@ -375,14 +375,6 @@ static void lookup_and_merge(DedupEngine *e, Batch *b)
         broker_lost(e, ret < 0 ? g_strerror(-ret) : err.message);
         return;
     }
-    if (e->cfg.trace) {
-        size_t hits = 0;
-
-        for (size_t i = 0; i < b->nlookup; i++) {
-            hits += b->result[i].result == QD_RESULT_HIT;
-        }
-        engine_trace(e, DEDUP_TRACE_LOOKUP, b->r, b->nlookup, hits);
-    }
     for (size_t i = 0; i < b->nlookup; i++) {
         if (b->result[i].result == QD_RESULT_HIT) {
             items[nitems++] = (MergeItem) { b->r, b->lookup[i].cookie, b->result[i].slot };
@@ -403,6 +395,7 @@ static void lookup_and_merge(DedupEngine *e, Batch *b)
             b->r->cooldown[p] = 1u << b->r->misses[p];
         }
     }
+    engine_trace(e, DEDUP_TRACE_LOOKUP, b->r, b->nlookup, nitems);     /* nitems: hits */
     for (size_t i = 0; i < npublish; i += QD_MAX_PUBLISH) {
         uint32_t n = MIN(npublish - i, QD_MAX_PUBLISH);
         QdLookupEntry pe[QD_MAX_PUBLISH];
