@@ -168,6 +168,29 @@ begin pc-bios/meson.build
 edit replace "if unpack_edk2_blobs" "if unpack_edk2_blobs and false  # qdedup: the +ds tarball has no edk2 blobs"
 end
 
+# 8. Discards go through memory-dedup first, so that merged pages read zeros
+#    afterwards (ARCHITECTURE I5): balloon, free page reporting, virtio-mem,
+#    postcopy all end in ram_block_discard_range().
+begin system/physmem.c
+edit after '#include "system/xen-mapcache.h"' '#include "accel/dedup/qemu-hooks.h"'
+edit before "        errno = ENOTSUP; /* If we are missing MADVISE etc */" \
+"        ret = memory_dedup_ram_discard(rb, start, length);
+        if (ret) {
+            goto err;
+        }"
+end
+
+# 9. The background-snapshot capability is refused with an error that names
+#    memory-dedup, instead of QEMU's "not compatible with guest memory
+#    configuration".
+begin migration/options.c
+edit after '#include "system/kvm.h"' '#include "accel/dedup/qemu-hooks.h"'
+edit before "        wt_support = migrate_query_write_tracking();" \
+"        if (!memory_dedup_allow_write_tracking(errp)) {
+            return false;
+        }"
+end
+
 $list_only && exit 0
 install_all
 echo "qemu-edits: $nedits edits applied to $qemu"

@@ -218,3 +218,17 @@ void broker_close(DedupEngine *e)
     }
     /* pool_fd and pool_view stay: merged pages may still map the pool. */
 }
+
+void broker_release_pool(DedupEngine *e)
+{
+    Broker *b = &e->broker;
+
+    if (b->pool_view) {
+        munmap(b->pool_view, b->pool_view_len);
+        b->pool_view = NULL;
+    }
+    if (b->pool_fd >= 0) {
+        close(b->pool_fd);
+        b->pool_fd = -1;
+    }
+}

@@ -18,7 +18,8 @@ enum {
     PAGE_ANON = 0,      /* QEMU's original mapping */
     PAGE_MERGED,        /* pool slot mapped here (slot[]), not written since */
     PAGE_COWED,         /* pool slot mapped here, but the guest wrote: own copy */
-    PAGE_MOVED,         /* COWed page moved back to anonymous memory (own VMA) */
+    PAGE_MOVED,         /* moved back to anonymous memory: starts its own VMA */
+    PAGE_MOVED_CONT,    /* moved in one piece with the page before it: same VMA */
 };
 
 /* Page flags from pagemap (see pagemap.c). */
@@ -65,6 +66,7 @@ struct DedupEngine {
     GCond ctl_cond;
     bool stopping;
     bool enabled;
+    bool unmerging;         /* give every pool page back instead of merging */
 
     int uffd;
     uint64_t uffd_features;
@@ -109,8 +111,24 @@ static inline void engine_trace(DedupEngine *e, DedupTrace what, const Region *r
 /* Drop the zero pages among pages[0..n) of r (I4). */
 void drop_zero_pages(DedupEngine *e, Region *r, const size_t *pages, size_t n);
 void thp_split_batch(DedupEngine *e, Region *r, const uint8_t *pm, size_t first, size_t n);
+/* Copy pages [page, page+n) of r to anonymous memory, moved in atomically. */
+bool move_to_anon(DedupEngine *e, Region *r, size_t page, size_t n);
 /* Move a COWed page back to anonymous memory; release its slot if asked. */
 bool restore_page(DedupEngine *e, Region *r, size_t page, bool release);
+/*
+ * Give back the slot of COWed page p, with the rest of its pool run when
+ * most of the run is COWed.  Counts, among the pages given back before page
+ * limit, those that held a reference and those still merged.
+ */
+void restore_cowed(DedupEngine *e, Region *r, size_t p, size_t limit,
+                   uint64_t *refs, uint64_t *merged);
+
+static inline bool pool_mapped(const Region *r, size_t p)
+{
+    uint8_t k = r->kind[p] & 0x7f;
+
+    return k == PAGE_MERGED || k == PAGE_COWED;
+}
 int remap_flags(Region *r, void *addr, size_t len);
 
 /* broker-link.c */
@@ -119,8 +137,12 @@ void broker_lost(DedupEngine *e, const char *why);
 void broker_unref(DedupEngine *e, const uint64_t *slots, size_t n);
 const uint8_t *broker_pool_page(DedupEngine *e, uint64_t slot);
 void broker_close(DedupEngine *e);
+/* Unmap and close the pool: only when no page maps it any more. */
+void broker_release_pool(DedupEngine *e);
 
 void engine_notify(DedupEngine *e, DedupEvent ev);
+/* engine.c: the VMAs our mappings add (I7); e->lock held. */
+uint64_t engine_vmas(DedupEngine *e);
 
 /* CPU time of the calling thread, for cpu-ms and the CPU limit. */
 static inline int64_t thread_cpu_ns(void)

@@ -102,12 +102,24 @@ static void region_free(Region *r)
 
 void dedup_engine_free(DedupEngine *e)
 {
+    bool pool_in_use = false;
+
     if (!e) {
         return;
     }
     broker_close(e);
     for (guint i = 0; i < e->regions->len; i++) {
-        region_free(g_ptr_array_index(e->regions, i));
+        Region *r = g_ptr_array_index(e->regions, i);
+
+        for (size_t p = 0; p < r->npages && !pool_in_use; p++) {
+            pool_in_use = (r->kind[p] & 0x7f) == PAGE_MERGED ||
+                          (r->kind[p] & 0x7f) == PAGE_COWED;
+        }
+        region_free(r);
+    }
+    if (!pool_in_use) {
+        /* Nothing maps the pool any more (all unmerged): let it go. */
+        broker_release_pool(e);
     }
     g_ptr_array_free(e->regions, TRUE);
     if (e->uffd >= 0) {
@@ -225,12 +237,13 @@ static bool starts_vma(const Region *r, size_t p)
     }
     k = r->kind[p] & 0x7f;
     kprev = r->kind[p - 1] & 0x7f;
-    if (k == PAGE_MOVED) {
-        return true;
+    if (k == PAGE_MOVED || k == PAGE_MOVED_CONT) {
+        /* region_set_page() keeps a MOVED_CONT page's left neighbour moved with it. */
+        return k == PAGE_MOVED;
     }
     file = k == PAGE_MERGED || k == PAGE_COWED;
     fprev = kprev == PAGE_MERGED || kprev == PAGE_COWED;
-    if (file != fprev || kprev == PAGE_MOVED) {
+    if (file != fprev || kprev == PAGE_MOVED || kprev == PAGE_MOVED_CONT) {
         return true;
     }
     return file && r->slot[p] != r->slot[p - 1] + 1;
@@ -242,10 +255,14 @@ void region_set_page(Region *r, size_t page, uint8_t kind, uint32_t slot)
 
     r->kind[page] = kind;
     r->slot[page] = slot;
+    if (page + 1 < r->npages && (r->kind[page + 1] & 0x7f) == PAGE_MOVED_CONT) {
+        /* Its VMA began here; whatever this page maps now, it starts one. */
+        r->kind[page + 1] = (r->kind[page + 1] & 0x80) | PAGE_MOVED;
+    }
     r->vmas += starts_vma(r, page) + starts_vma(r, page + 1) - before;
 }
 
-static uint64_t engine_vmas(DedupEngine *e)
+uint64_t engine_vmas(DedupEngine *e)
 {
     uint64_t n = 0;
 
@@ -459,10 +476,12 @@ static void process_batch(DedupEngine *e, Batch *b, PassTotals *t)
     }
     for (size_t i = 0; i < b->ncowed; i++) {
         size_t p = b->cowed[i];
+        uint64_t refs = 0, merged = 0;
 
-        if ((b->r->kind[p] & 0x7f) == PAGE_COWED && e->broker.connected &&
-            restore_page(e, b->r, p, true)) {
-            t->refs_now--;
+        if ((b->r->kind[p] & 0x7f) == PAGE_COWED && e->broker.connected) {
+            restore_cowed(e, b->r, p, b->first + b->n, &refs, &merged);
+            t->refs_now -= MIN(refs, t->refs_now);
+            t->merged_now -= MIN(merged, t->merged_now);
         }
     }
 }
@@ -480,7 +499,7 @@ static bool pace(DedupEngine *e, int64_t cpu_ns, int64_t wall_ns, int64_t extra_
     if (sleep_us > 0 && !e->stopping) {
         g_cond_wait_until(&e->ctl_cond, &e->ctl_lock, g_get_monotonic_time() + sleep_us);
     }
-    while (!e->enabled && !e->stopping) {
+    while (!e->enabled && !e->unmerging && !e->stopping) {
         g_cond_wait(&e->ctl_cond, &e->ctl_lock);
     }
     go = !e->stopping;
@@ -502,6 +521,7 @@ static uint64_t work_done(const DedupStats *st)
  * guest that writes keeps the short interval.
  */
 #define IDLE_BACKOFF_MAX 4
+#define UNMERGE_STEP 4096           /* pages unmerged between CPU-limit checks */
 
 void dedup_engine_run_scanner(DedupEngine *e)
 {
@@ -510,6 +530,20 @@ void dedup_engine_run_scanner(DedupEngine *e)
 
     while (pace(e, 0, 0, 0)) {
         int64_t pass_start = g_get_monotonic_time();
+
+        if (__atomic_load_n(&e->unmerging, __ATOMIC_RELAXED)) {
+            /* A step at a time, within the CPU limit, until nothing is left. */
+            int64_t cpu0 = thread_cpu_ns();
+            bool left = dedup_engine_unmerge(e, UNMERGE_STEP) > 0;
+            int64_t cpu1 = thread_cpu_ns();
+
+            __atomic_store_n(&e->cpu_ns_scanner, cpu1, __ATOMIC_RELAXED);
+            if (!pace(e, cpu1 - cpu0, (g_get_monotonic_time() - pass_start) * 1000,
+                      left ? 0 : e->cfg.pass_interval_ms)) {
+                break;
+            }
+            continue;
+        }
         PassTotals t = { 0 };
         size_t ri = 0, page = 0;
         uint64_t work_before = work_done(&e->st);
@@ -518,6 +552,9 @@ void dedup_engine_run_scanner(DedupEngine *e)
             int64_t cpu0 = thread_cpu_ns(), wall0 = g_get_monotonic_time();
             int64_t cpu1;
 
+            if (__atomic_load_n(&e->unmerging, __ATOMIC_RELAXED)) {
+                break;      /* merge no more */
+            }
             g_mutex_lock(&e->lock);
             if (ri >= e->regions->len) {
                 g_mutex_unlock(&e->lock);
@@ -576,6 +613,7 @@ void dedup_engine_get_stats(DedupEngine *e, DedupStats *st)
         meta += sizeof(*r) + r->npages * (3 + sizeof(uint32_t) + sizeof(uint64_t));
     }
     st->broker_connected = e->broker.connected;
+    st->unmerging = __atomic_load_n(&e->unmerging, __ATOMIC_RELAXED);
     st->vmas_used = engine_vmas(e);
     g_mutex_unlock(&e->lock);
     st->metadata_bytes = meta;
@@ -598,8 +636,10 @@ static void do_enabled(DedupEngine *e, uint64_t v) { e->enabled = v; }
 static void do_cpu_limit(DedupEngine *e, uint64_t v) { e->cfg.cpu_limit = CLAMP(v, 1, 100); }
 static void do_max_vmas(DedupEngine *e, uint64_t v) { e->cfg.max_vmas = v; }
 static void do_zero_pages(DedupEngine *e, uint64_t v) { e->cfg.zero_pages = v; }
+static void do_unmerging(DedupEngine *e, uint64_t v) { e->unmerging = v; }
 
 void dedup_engine_set_enabled(DedupEngine *e, bool on) { set_locked(e, do_enabled, on); }
 void dedup_engine_set_cpu_limit(DedupEngine *e, uint32_t pct) { set_locked(e, do_cpu_limit, pct); }
 void dedup_engine_set_max_vmas(DedupEngine *e, uint64_t n) { set_locked(e, do_max_vmas, n); }
 void dedup_engine_set_zero_pages(DedupEngine *e, bool on) { set_locked(e, do_zero_pages, on); }
+void dedup_engine_set_unmerging(DedupEngine *e, bool on) { set_locked(e, do_unmerging, on); }

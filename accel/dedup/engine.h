@@ -84,6 +84,10 @@ typedef struct DedupStats {
     int64_t saved_bytes;        /* zero + merged pages, net of our metadata */
     uint64_t cpu_ns;            /* scanner + fault thread */
     uint64_t broker_reconnects;
+    uint64_t discarded;         /* merged pages QEMU discarded (balloon, virtio-mem) */
+    uint64_t unmerged;          /* merged pages given back by unmerge */
+    bool unmerging;
+    uint64_t resets;            /* guest resets seen */
 } DedupStats;
 
 /* NULL and *errmsg (g_free it) when the userfaultfd is unavailable. */
@@ -111,5 +115,24 @@ void dedup_engine_set_enabled(DedupEngine *e, bool enabled);
 void dedup_engine_set_cpu_limit(DedupEngine *e, uint32_t percent);
 void dedup_engine_set_max_vmas(DedupEngine *e, uint64_t max_vmas);
 void dedup_engine_set_zero_pages(DedupEngine *e, bool on);
+
+/*
+ * Before QEMU discards [host, host+len) (ram_block_discard_range: balloon,
+ * free page reporting, virtio-mem, postcopy): merged pages there get fresh
+ * anonymous memory, so the range reads zeros afterwards as discarded RAM
+ * must (I5), and their references go.  Callable from any thread, with or
+ * without the BQL.  -errno if some could not: the discard must then fail.
+ */
+int dedup_engine_discard(DedupEngine *e, void *host, size_t len);
+/*
+ * Move up to max_pages pool-mapped pages back to anonymous memory and
+ * release their references; returns how many are left.  Needs the fault
+ * thread running (guest writes wait for the move).
+ */
+uint64_t dedup_engine_unmerge(DedupEngine *e, uint64_t max_pages);
+/* While on, the scanner unmerges everything, bit by bit, instead of merging. */
+void dedup_engine_set_unmerging(DedupEngine *e, bool on);
+/* The guest was reset: forget the per-page back-off of the old boot. */
+void dedup_engine_reset_hints(DedupEngine *e);
 
 #endif

@@ -31,11 +31,16 @@
 #include "exec/ramblock.h"
 #include "exec/ramlist.h"
 #include "hw/boards.h"
+#include "migration/postcopy-ram.h"
+#include "qemu/lockable.h"
+#include "system/reset.h"
+#include "system/runstate.h"
 #include "system/hostmem.h"
 #include "system/system.h"
 #include "trace.h"
 #include "accel/dedup/qdedup-version.h"
 #include "engine.h"
+#include "qemu-hooks.h"
 
 #define TYPE_MEMORY_DEDUP "memory-dedup"
 OBJECT_DECLARE_SIMPLE_TYPE(MemoryDedup, MEMORY_DEDUP)
@@ -66,10 +71,28 @@ struct MemoryDedup {
     RAMBlockNotifier ram_notifier;
     bool ram_notifier_added;
     bool detaching;         /* object-del: RAM stays, merged pages stay mapped */
+    bool unmerge;           /* property: give merged pages back, merge no more */
+    bool incoming;          /* an incoming migration writes guest RAM: wait */
+    VMChangeStateEntry *vmstate;
+    NotifierWithReturn postcopy_notifier;
+    bool postcopy_notifier_added;
+    bool reset_added;
+    bool active;            /* on memory_dedup_active: QEMU's hooks see it */
+    QLIST_ENTRY(MemoryDedup) next;
     GPtrArray *covered;        /* RAMBlock * we gave the engine */
     GPtrArray *refused;        /* char *: "block: reason" */
     char *id;                   /* for the engine's threads (trace, events) */
 };
+
+/*
+ * Objects whose engine covers RAM, for the hooks QEMU calls
+ * (qemu-hooks.h).  Discards come from any thread (balloon and virtio-mem
+ * from the main loop, postcopy from the migration thread): the lock keeps
+ * object-del from freeing an engine a discard is using.
+ */
+static QemuMutex memory_dedup_lock;
+static QLIST_HEAD(, MemoryDedup) memory_dedup_active =
+    QLIST_HEAD_INITIALIZER(memory_dedup_active);
 
 static const char *memory_dedup_id(MemoryDedup *md)
 {
@@ -250,6 +273,74 @@ static void memory_dedup_ram_removed(RAMBlockNotifier *n, void *host, size_t siz
     }
 }
 
+int memory_dedup_ram_discard(RAMBlock *rb, uint64_t start, size_t length)
+{
+    MemoryDedup *md;
+    int ret = 0;
+
+    QEMU_LOCK_GUARD(&memory_dedup_lock);
+    QLIST_FOREACH(md, &memory_dedup_active, next) {
+        ret = dedup_engine_discard(md->engine, rb->host + start, length);
+        trace_memory_dedup_discard(md->id, rb->idstr, start, length, ret);
+        if (ret < 0) {
+            error_report("memory-dedup '%s': cannot discard %s+0x%" PRIx64 " +0x%zx: %s",
+                         md->id, rb->idstr, start, length, strerror(-ret));
+            break;
+        }
+    }
+    return ret;
+}
+
+bool memory_dedup_allow_write_tracking(Error **errp)
+{
+    MemoryDedup *md;
+
+    QEMU_LOCK_GUARD(&memory_dedup_lock);
+    md = QLIST_FIRST(&memory_dedup_active);
+    if (md) {
+        error_setg(errp, "Background-snapshot is refused while memory-dedup '%s' is "
+                   "active: both need the userfaultfd of guest RAM; take the snapshot "
+                   "without background-snapshot (the guest pauses), or object-del '%s' "
+                   "first", md->id, md->id);
+        return false;
+    }
+    return true;
+}
+
+/* Postcopy's destination registers its own userfaultfd on guest RAM. */
+static int memory_dedup_postcopy_notify(NotifierWithReturn *n, void *data, Error **errp)
+{
+    MemoryDedup *md = container_of(n, MemoryDedup, postcopy_notifier);
+    struct PostcopyNotifyData *pnd = data;
+
+    if (pnd->reason == POSTCOPY_NOTIFY_PROBE) {
+        error_setg(errp, "memory-dedup '%s' write-protects guest RAM with a userfaultfd, "
+                   "which postcopy needs for itself; migrate with precopy, or add the "
+                   "object to this QEMU after the migration", md->id);
+        return -1;
+    }
+    return 0;
+}
+
+/* The incoming migration completed and the guest runs: merge from now on. */
+static void memory_dedup_vm_state(void *opaque, bool running, RunState state)
+{
+    MemoryDedup *md = opaque;
+
+    if (running && md->incoming) {
+        md->incoming = false;
+        trace_memory_dedup_incoming_done(md->id);
+        dedup_engine_set_enabled(md->engine, md->enabled);
+    }
+}
+
+static void memory_dedup_reset(void *opaque)
+{
+    MemoryDedup *md = opaque;
+
+    dedup_engine_reset_hints(md->engine);
+}
+
 static void *memory_dedup_scan_thread(void *opaque)
 {
     dedup_engine_run_scanner(opaque);
@@ -269,6 +360,14 @@ static void memory_dedup_machine_done(Notifier *n, void *data)
     if (md->threads_running) {
         return;
     }
+    if (runstate_check(RUN_STATE_INMIGRATE)) {
+        /* RAM keeps arriving until the migration completes: merge after. */
+        md->incoming = true;
+        dedup_engine_set_enabled(md->engine, false);
+    }
+    md->vmstate = qemu_add_vm_change_state_handler(memory_dedup_vm_state, md);
+    qemu_register_reset(memory_dedup_reset, md);
+    md->reset_added = true;
     md->ram_notifier.ram_block_added = memory_dedup_ram_added;
     md->ram_notifier.ram_block_removed = memory_dedup_ram_removed;
     ram_block_notifier_add(&md->ram_notifier);      /* replays existing RAM */
@@ -278,6 +377,10 @@ static void memory_dedup_machine_done(Notifier *n, void *data)
     qemu_thread_create(&md->scan_thread, "dedup-scan", memory_dedup_scan_thread,
                        md->engine, QEMU_THREAD_JOINABLE);
     md->threads_running = true;
+    WITH_QEMU_LOCK_GUARD(&memory_dedup_lock) {
+        QLIST_INSERT_HEAD(&memory_dedup_active, md, next);
+        md->active = true;
+    }
 }
 
 static bool memory_dedup_broker_reachable(MemoryDedup *md, Error **errp)
@@ -347,6 +450,10 @@ static void memory_dedup_complete(UserCreatable *uc, Error **errp)
         return;
     }
     dedup_engine_set_enabled(md->engine, md->enabled);
+    dedup_engine_set_unmerging(md->engine, md->unmerge);
+    md->postcopy_notifier.notify = memory_dedup_postcopy_notify;
+    postcopy_add_notifier(&md->postcopy_notifier);
+    md->postcopy_notifier_added = true;
     md->completed = true;
     md->machine_done.notify = memory_dedup_machine_done;
     qemu_add_machine_init_done_notifier(&md->machine_done);  /* now if ready */
@@ -358,6 +465,20 @@ static void memory_dedup_finalize(Object *obj)
 {
     MemoryDedup *md = MEMORY_DEDUP(obj);
 
+    if (md->active) {
+        WITH_QEMU_LOCK_GUARD(&memory_dedup_lock) {
+            QLIST_REMOVE(md, next);
+        }
+    }
+    if (md->postcopy_notifier_added) {
+        postcopy_remove_notifier(&md->postcopy_notifier);
+    }
+    if (md->vmstate) {
+        qemu_del_vm_change_state_handler(md->vmstate);
+    }
+    if (md->reset_added) {
+        qemu_unregister_reset(memory_dedup_reset, md);
+    }
     if (md->machine_done_added) {
         qemu_remove_machine_init_done_notifier(&md->machine_done);
     }
@@ -390,6 +511,33 @@ static void memory_dedup_finalize(Object *obj)
     g_free(md->secret_id);
     g_free(md->memdev);
     g_free(md->id);
+}
+
+/*
+ * object-del (only; QEMU's exit skips this): the guest keeps running
+ * without us, so give every merged page back and release its reference
+ * (I2) while the fault thread still resolves the writes that wait for a
+ * move.  Pages that cannot move (no memory) stay merged and correct; the
+ * broker keeps their references until QEMU exits.  unmerge=on does the
+ * same in the background first, with progress in query-memory-dedup.
+ */
+static bool memory_dedup_can_be_deleted(UserCreatable *uc)
+{
+    MemoryDedup *md = MEMORY_DEDUP(uc);
+    uint64_t left;
+
+    if (!md->threads_running) {
+        return true;
+    }
+    dedup_engine_set_enabled(md->engine, false);
+    dedup_engine_set_unmerging(md->engine, false);
+    left = dedup_engine_unmerge(md->engine, UINT64_MAX);
+    trace_memory_dedup_unmerged(md->id, left);
+    if (left) {
+        warn_report("memory-dedup '%s': %" PRIu64 " pages stay merged until QEMU exits "
+                    "(no memory to copy them)", md->id, left);
+    }
+    return true;
 }
 
 static void memory_dedup_init(Object *obj)
@@ -514,7 +662,8 @@ static void memory_dedup_set_##field(Object *obj, bool v, Error **errp)       \
     }                                                                         \
 }
 
-MEMORY_DEDUP_BOOL_PROP(enabled, dedup_engine_set_enabled(md->engine, v))
+MEMORY_DEDUP_BOOL_PROP(enabled, dedup_engine_set_enabled(md->engine, v && !md->incoming))
+MEMORY_DEDUP_BOOL_PROP(unmerge, dedup_engine_set_unmerging(md->engine, v))
 MEMORY_DEDUP_BOOL_PROP(zero_pages, dedup_engine_set_zero_pages(md->engine, v))
 MEMORY_DEDUP_BOOL_PROP(broker_required, (void)0)
 
@@ -546,7 +695,9 @@ static MemoryDedupInfo *memory_dedup_info(MemoryDedup *md)
     }
     info->id = g_strdup(memory_dedup_id(md));
     info->version = g_strdup(QDEDUP_VERSION);
-    info->state = !md->enabled ? MEMORY_DEDUP_STATE_PAUSED :
+    info->state = md->unmerge ? MEMORY_DEDUP_STATE_UNMERGING :
+                  md->incoming ? MEMORY_DEDUP_STATE_INCOMING :
+                  !md->enabled ? MEMORY_DEDUP_STATE_PAUSED :
                   st.vma_budget_reached ? MEMORY_DEDUP_STATE_VMA_BUDGET :
                   md->merge && !st.broker_connected ? MEMORY_DEDUP_STATE_NO_BROKER :
                   MEMORY_DEDUP_STATE_RUNNING;
@@ -570,6 +721,9 @@ static MemoryDedupInfo *memory_dedup_info(MemoryDedup *md)
     info->saved_bytes = st.saved_bytes;
     info->cpu_ms = st.cpu_ns / 1000000;
     info->broker_reconnects = st.broker_reconnects;
+    info->discarded_pages = st.discarded;
+    info->unmerged_pages = st.unmerged;
+    info->resets = st.resets;
     for (guint i = 0; i < md->refused->len; i++) {
         QAPI_LIST_APPEND(tail, g_strdup(g_ptr_array_index(md->refused, i)));
     }
@@ -663,6 +817,9 @@ static const MemoryDedupBoolProp memory_dedup_bool_props[] = {
       "merge duplicate pages through the broker (default on)" },
     { "enabled", memory_dedup_get_enabled, memory_dedup_set_enabled,
       "scan and merge; off pauses (default on)" },
+    { "unmerge", memory_dedup_get_unmerge, memory_dedup_set_unmerge,
+      "give every merged page back to the guest, in the background; merging "
+      "stops while on (default off)" },
     { "broker-required", memory_dedup_get_broker_required,
       memory_dedup_set_broker_required,
       "fail when the broker cannot be reached (default off: retry)" },
@@ -691,6 +848,7 @@ static void memory_dedup_class_init(ObjectClass *oc, void *data)
     UserCreatableClass *ucc = USER_CREATABLE_CLASS(oc);
 
     ucc->complete = memory_dedup_complete;
+    ucc->can_be_deleted = memory_dedup_can_be_deleted;
     object_class_property_add_str(oc, "version", memory_dedup_get_version, NULL);
     object_class_property_set_description(oc, "version",
         "version of the qdedup overlay this QEMU was built with");
@@ -732,6 +890,7 @@ static const TypeInfo memory_dedup_info_type = {
 
 static void memory_dedup_register_types(void)
 {
+    qemu_mutex_init(&memory_dedup_lock);
     type_register_static(&memory_dedup_info_type);
     monitor_register_hmp("memory-dedup", true, hmp_info_memory_dedup);
 }

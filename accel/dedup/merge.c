@@ -206,36 +206,44 @@ void drop_zero_pages(DedupEngine *e, Region *r, const size_t *pages, size_t n)
     }
 }
 
-bool restore_page(DedupEngine *e, Region *r, size_t page, bool release)
+bool move_to_anon(DedupEngine *e, Region *r, size_t page, size_t n)
 {
     uint8_t *addr = r->host + page * DEDUP_PAGE;
-    uint8_t *staging = mmap(NULL, DEDUP_PAGE, PROT_READ | PROT_WRITE,
+    size_t len = n * DEDUP_PAGE;
+    uint8_t *staging = mmap(NULL, len, PROT_READ | PROT_WRITE,
                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    uint64_t old = r->slot[page];
     bool ok = false;
 
     if (staging == MAP_FAILED) {
         return false;
     }
     g_mutex_lock(&e->wp_lock);
-    if (uffd_protect(e, addr, DEDUP_PAGE, true) == 0) {
-        memcpy(staging, addr, DEDUP_PAGE);
+    if (uffd_protect(e, addr, len, true) == 0) {
+        memcpy(staging, addr, len);
         /*
-         * Atomic: readers see the old page or the copy, never a hole (a
+         * Atomic: readers see the old pages or the copy, never a hole (a
          * fresh mapping filled afterwards would read as zeros meanwhile).
          */
-        ok = mremap(staging, DEDUP_PAGE, DEDUP_PAGE, MREMAP_FIXED | MREMAP_MAYMOVE,
-                    addr) == addr;
+        ok = mremap(staging, len, len, MREMAP_FIXED | MREMAP_MAYMOVE, addr) == addr;
         if (ok) {
-            uffd_register_wp(e, addr, DEDUP_PAGE);
-            remap_flags(r, addr, DEDUP_PAGE);
+            uffd_register_wp(e, addr, len);
+            remap_flags(r, addr, len);
         }
-        uffd_protect(e, addr, DEDUP_PAGE, false);
-        uffd_wake(e, addr, DEDUP_PAGE);
+        uffd_protect(e, addr, len, false);
+        uffd_wake(e, addr, len);
     }
     g_mutex_unlock(&e->wp_lock);
     if (!ok) {
-        munmap(staging, DEDUP_PAGE);
+        munmap(staging, len);
+    }
+    return ok;
+}
+
+bool restore_page(DedupEngine *e, Region *r, size_t page, bool release)
+{
+    uint64_t old = r->slot[page];
+
+    if (!move_to_anon(e, r, page, 1)) {
         return false;
     }
     region_set_page(r, page, PAGE_MOVED, DEDUP_NO_SLOT);
@@ -245,4 +253,56 @@ bool restore_page(DedupEngine *e, Region *r, size_t page, bool release)
     }
     e->st.restored++;
     return true;
+}
+
+/* Longest piece of a pool run moved back at once: bounds the write stall. */
+#define RESTORE_RUN_MAX 512u
+
+void restore_cowed(DedupEngine *e, Region *r, size_t p, size_t limit,
+                   uint64_t *refs, uint64_t *merged)
+{
+    g_autoptr(GArray) unref = g_array_new(FALSE, FALSE, sizeof(uint64_t));
+    size_t s = p, end = p + 1, cowed = 0;
+
+    /* p's run: neighbours that map consecutive slots (one VMA). */
+    while (s > 0 && p - s < RESTORE_RUN_MAX / 2 && pool_mapped(r, s - 1) &&
+           r->slot[s - 1] + 1 == r->slot[s]) {
+        s--;
+    }
+    while (end < r->npages && end - s < RESTORE_RUN_MAX && pool_mapped(r, end) &&
+           r->slot[end] == r->slot[end - 1] + 1) {
+        end++;
+    }
+    for (size_t i = s; i < end; i++) {
+        cowed += (r->kind[i] & 0x7f) == PAGE_COWED;
+    }
+    /*
+     * Page by page, each move would split the run into a VMA per page (a
+     * moved page never merges back, I7); after a loadvm or a reboot
+     * rewrote the guest's memory that soon exhausts the VMA budget.  So
+     * when most of the run is COWed, it moves in one piece, taking its
+     * few still-merged pages along (they may merge again later).
+     */
+    if (end - s < 2 || cowed * 2 < end - s) {
+        if (restore_page(e, r, p, true)) {
+            *refs += p < limit;
+        }
+        return;
+    }
+    if (!move_to_anon(e, r, s, end - s)) {
+        return;
+    }
+    for (size_t i = s; i < end; i++) {
+        uint64_t slot = r->slot[i];
+
+        if (i < limit) {
+            *refs += 1;
+            *merged += (r->kind[i] & 0x7f) == PAGE_MERGED;
+        }
+        g_array_append_val(unref, slot);
+        region_set_page(r, i, i == s ? PAGE_MOVED : PAGE_MOVED_CONT, DEDUP_NO_SLOT);
+    }
+    engine_trace(e, DEDUP_TRACE_RESTORED, r, s, end - s);
+    broker_unref(e, (uint64_t *)unref->data, unref->len);
+    e->st.restored += end - s;
 }

@@ -12,7 +12,9 @@
  * to the inactive list.  Measured on Linux 6.18: 1 GiB of THP with every
  * other 4 KiB dropped freed nothing before the hint and 470 MiB after it.
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <sys/mman.h>
 
 #include "engine-internal.h"

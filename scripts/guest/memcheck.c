@@ -17,6 +17,10 @@
  * next generation (a guest write to what is probably a merged page), and
  * also checks a sample of pages right after writing them.
  *
+ * --spare-mib fills one more region identical in every guest, not checked,
+ * and --free-round N unmaps it after round N: free guest memory whose
+ * content the host has merged, for the balloon and free page reporting.
+ *
  * With --latency it instead times, every --interval seconds, the first write
  * to --sample shared pages not written before (the copy-on-write of a merged
  * page, once merged) and prints p50/p99 per sample.
@@ -25,6 +29,7 @@
  *   MEMCHECK-FILLED shared=N unique=N zero=N        once, after the fill
  *   MEMCHECK-ROUND n=N checked=N rewritten=N errors=0
  *   MEMCHECK-FAIL region=R page=N offset=N gen=N    on a mismatch (exit 1)
+ *   MEMCHECK-FREED spare=N                          the spare region was unmapped
  *   MEMCHECK-LATENCY n=N pages=N p50-ns=N p99-ns=N max-ns=N errors=N
  *   MEMCHECK-DONE rounds=N errors=N
  *
@@ -174,7 +179,7 @@ static void usage(void)
 {
     fprintf(stderr, "usage: memcheck [--shared-mib N] [--unique-mib N] "
             "[--zero-mib N] [--rounds N] [--interval S] [--rewrite-pct P] "
-            "[--seed N] [--latency [--sample N]]\n");
+            "[--seed N] [--spare-mib N --free-round N] [--latency [--sample N]]\n");
     exit(2);
 }
 
@@ -182,7 +187,9 @@ int main(int argc, char **argv)
 {
     size_t mib[NREGIONS] = { 32, 8, 16 };
     long rounds = 10, interval = 2, rewrite_pct = 2;
-    size_t sample = 256;
+    size_t sample = 256, spare_pages = 0;
+    long free_round = 0;
+    uint8_t *spare = NULL;
     int latency = 0;
     unsigned long errors = 0;
     uint64_t rng = 1;
@@ -213,6 +220,10 @@ int main(int argc, char **argv)
             rewrite_pct = strtol(v, NULL, 0);
         } else if (!strcmp(a, "--seed")) {
             seed = strtoull(v, NULL, 0);
+        } else if (!strcmp(a, "--spare-mib")) {
+            spare_pages = strtoul(v, NULL, 0) * 256;
+        } else if (!strcmp(a, "--free-round")) {
+            free_round = strtol(v, NULL, 0);
         } else if (!strcmp(a, "--sample")) {
             sample = strtoul(v, NULL, 0);
         } else {
@@ -238,6 +249,21 @@ int main(int argc, char **argv)
         madvise(regions[r].base, regions[r].pages * PAGE, MADV_NOHUGEPAGE);
         for (size_t p = 0; p < regions[r].pages; p++) {
             write_page(r, p);
+        }
+    }
+    if (spare_pages) {
+        uint64_t buf[PAGE / 8];
+
+        spare = mmap(NULL, spare_pages * PAGE, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (spare == MAP_FAILED) {
+            printf("MEMCHECK-FAIL cannot allocate the spare region\n");
+            return 1;
+        }
+        madvise(spare, spare_pages * PAGE, MADV_NOHUGEPAGE);
+        for (size_t p = 0; p < spare_pages; p++) {
+            pattern(SHARED, p, 200, buf);       /* a generation shared never reaches soon */
+            memcpy(spare + p * PAGE, buf, PAGE);
         }
     }
     printf("MEMCHECK-FILLED shared=%zu unique=%zu zero=%zu\n",
@@ -270,6 +296,12 @@ int main(int argc, char **argv)
         fflush(stdout);
         if (errors) {
             break;
+        }
+        if (spare && n == free_round) {
+            munmap(spare, spare_pages * PAGE);
+            spare = NULL;
+            printf("MEMCHECK-FREED spare=%zu\n", spare_pages);
+            fflush(stdout);
         }
         sleep(interval);
     }

@@ -23,8 +23,8 @@
 #include <unistd.h>
 
 #include "engine.h"
+#include "pattern.h"
 
-#define PAGE 4096u
 #define THREADS 2
 #define SHARED_VALUES 48u   /* values 1..48 repeat across pages and processes */
 
@@ -34,45 +34,7 @@ static size_t npages;
 static uint64_t ops_per_thread;
 static atomic_uint_fast64_t bad, done_ops, full_checks;
 static atomic_bool engine_done;
-
-static inline uint64_t mix(uint64_t x)
-{
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdull;
-    x ^= x >> 33;
-    return x;
-}
-
-static void fill(uint8_t *p, uint64_t v)
-{
-    uint64_t *w = (uint64_t *)p;
-
-    if (!v) {
-        memset(p, 0, PAGE);
-        return;
-    }
-    w[0] = v;
-    for (unsigned i = 1; i < PAGE / 8; i++) {
-        w[i] = mix(v * 512 + i);
-    }
-}
-
-static bool check_word(const uint8_t *p, uint64_t v, unsigned i)
-{
-    uint64_t got = ((const uint64_t *)p)[i];
-
-    return got == (!v ? 0 : i == 0 ? v : mix(v * 512 + i));
-}
-
-static bool check_page(const uint8_t *p, uint64_t v)
-{
-    for (unsigned i = 0; i < PAGE / 8; i++) {
-        if (!check_word(p, v, i)) {
-            return false;
-        }
-    }
-    return true;
-}
+static DedupEngine *engine;
 
 static void report_bad(size_t page, uint64_t v, const char *how)
 {
@@ -120,6 +82,22 @@ static void *vcpu(void *arg)
             }
             atomic_fetch_add(&full_checks, 1);
             break;
+        case 2:                     /* now and then, QEMU discards the page */
+            if (((r >> 52) & 255) == 0) {
+                uint8_t *p = ram + page * PAGE;
+
+                /* As ram_block_discard_range() does, with the hook first. */
+                if (dedup_engine_discard(engine, p, PAGE) < 0) {
+                    report_bad(page, shadow[page], "discard failed");
+                }
+                madvise(p, PAGE, MADV_DONTNEED);
+                shadow[page] = 0;
+                if (!check_page(p, 0)) {
+                    report_bad(page, 0, "discarded page not zero");
+                }
+                break;
+            }
+            /* fall through */
         default: {                  /* spot check: first word and one other */
             unsigned w = 1 + (r >> 20) % (PAGE / 8 - 1);
 
@@ -138,25 +116,6 @@ static void *scanner(void *e)
 {
     dedup_engine_run_scanner(e);
     return NULL;
-}
-
-/* VMAs the kernel has in [start, end), from /proc/self/maps. */
-static uint64_t count_vmas(uintptr_t start, uintptr_t end)
-{
-    FILE *f = fopen("/proc/self/maps", "r");
-    unsigned long lo, hi;
-    char line[512];
-    uint64_t n = 0;
-
-    while (f && fgets(line, sizeof(line), f)) {
-        if (sscanf(line, "%lx-%lx", &lo, &hi) == 2 && lo < end && hi > start) {
-            n++;
-        }
-    }
-    if (f) {
-        fclose(f);
-    }
-    return n;
 }
 
 static void *faults(void *e)
@@ -178,7 +137,8 @@ int main(int argc, char **argv)
     bool vma_ok;
     DedupStats end;
     uint64_t kernel_vmas;
-    uint64_t final_bad = 0, total;
+    uint64_t final_bad = 0, total, unmerge_left;
+    DedupStats after;
 
     if (argc < 3) {
         fprintf(stderr, "usage: %s BROKER_SOCKET OPS [PAGES] [SEED]\n", argv[0]);
@@ -204,15 +164,15 @@ int main(int argc, char **argv)
                                         : 1 + rand() % SHARED_VALUES;
         fill(ram + p * PAGE, shadow[p]);
     }
-    printf("TAP version 13\n1..8\n");
-    e = dedup_engine_new(&cfg, &err);
+    printf("TAP version 13\n1..10\n");
+    e = engine = dedup_engine_new(&cfg, &err);
     if (!e) {
         printf("not ok 1 - engine starts: %s\n", err);
         return 1;
     }
     printf("ok %d - engine starts\n", ++n);
     if (dedup_engine_add_region(e, "stress-ram", ram, npages * PAGE,
-                                DEDUP_REGION_DONTFORK, &err) < 0) {
+                                DEDUP_REGION_DONTFORK | DEDUP_REGION_HUGEPAGE, &err) < 0) {
         printf("not ok 2 - region added: %s\n", err);
         return 1;
     }
@@ -249,6 +209,9 @@ int main(int argc, char **argv)
      */
     vma_ok = kernel_vmas >= end.vmas_used + 1 - end.vmas_used / 100 &&
              kernel_vmas <= end.vmas_used + 1 + end.vmas_used / 100;
+    /* What object-del does: every pool page back to anonymous memory. */
+    unmerge_left = dedup_engine_unmerge(e, UINT64_MAX);
+    dedup_engine_get_stats(e, &after);
     for (size_t p = 0; p < npages; p++) {
         if (!check_page(ram + p * PAGE, shadow[p])) {
             final_bad++;
@@ -271,7 +234,13 @@ int main(int argc, char **argv)
     printf("%s %d - %llu operations, every read matched the shadow (no lost write, "
            "no stale or zero read)\n", atomic_load(&bad) ? "not ok" : "ok", ++n,
            (unsigned long long)atomic_load(&done_ops));
-    printf("%s %d - every page matches after the engine stopped\n",
+    printf("%s %d - discarded pages read zeros, %llu of them merged before\n",
+           end.discarded ? "ok" : "not ok", ++n, (unsigned long long)end.discarded);
+    printf("%s %d - unmerge gave back every pool page: %llu moved, %llu left, "
+           "%llu references held\n", !unmerge_left && !after.pool_refs ? "ok" : "not ok",
+           ++n, (unsigned long long)after.unmerged, (unsigned long long)unmerge_left,
+           (unsigned long long)after.pool_refs);
+    printf("%s %d - every page matches after the engine stopped and unmerged\n",
            final_bad ? "not ok" : "ok", ++n);
     printf("%s %d - pages were merged through the broker (%llu)\n",
            st.merges ? "ok" : "not ok", ++n, (unsigned long long)st.merges);
@@ -282,7 +251,8 @@ int main(int argc, char **argv)
     printf("%s %d - VMA accounting matches the kernel: vmas-used %llu, "
            "the kernel has %llu VMAs over the region\n", vma_ok ? "ok" : "not ok",
            ++n, (unsigned long long)end.vmas_used, (unsigned long long)kernel_vmas);
-    ok = vma_ok && !atomic_load(&bad) && !final_bad && st.merges && st.cow_events && st.zero_dropped;
+    ok = vma_ok && !atomic_load(&bad) && !final_bad && st.merges && st.cow_events &&
+         st.zero_dropped && end.discarded && !unmerge_left && !after.pool_refs;
     dedup_engine_free(e);
     return ok ? 0 : 1;
 }

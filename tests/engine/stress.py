@@ -59,8 +59,8 @@ try:
         for line in results:
             good = line.startswith("ok ")
             t.check(good, f"{name}: {line.split(' - ', 1)[-1]}")
-        t.check(p.returncode == 0 and len(results) == 8,
-                f"{name}: exited 0 after all 8 checks", out[-2000:])
+        t.check(p.returncode == 0 and len(results) == 10,
+                f"{name}: exited 0 after all 10 checks", out[-2000:])
     # The processes have exited: the broker must hold nothing for them (I2).
     time.sleep(0.5)
     st = ctl("stats")

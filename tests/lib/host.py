@@ -22,3 +22,19 @@ def broker_ctl(ctl, control, what):
     out = subprocess.run([ctl, f"--control={control}", "--json", what],
                          capture_output=True, text=True, timeout=10)
     return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def start_broker(broker, tmp, *options):
+    """qemu-dedup-broker with sockets in TMP; returns (process, socket, control)."""
+    import os
+    import time
+    sock = os.path.join(tmp, "broker.sock")
+    control = os.path.join(tmp, "control.sock")
+    log = open(os.path.join(tmp, "broker.log"), "a")
+    proc = subprocess.Popen([broker, f"--socket={sock}", f"--control={control}", *options],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(control) and time.monotonic() < deadline and \
+            proc.poll() is None:
+        time.sleep(0.05)
+    return proc, sock, control

@@ -9,7 +9,6 @@ merged pages and reads everything back.
 Usage: dedup-qtest.py QEMU_BUILD_DIR OWN_BUILD_DIR"""
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
 from host import broker_ctl, pss_kib  # noqa: E402
 from qmp import QemuProcess  # noqa: E402
+from qtest import QTest  # noqa: E402
 from tap import Tap  # noqa: E402
 
 qemu = os.path.join(sys.argv[1], "qemu-system-x86_64")
@@ -44,33 +44,6 @@ def expected(vm, i):
     if i < SHARED + UNIQUE:
         return page_bytes(100 + vm, i)
     return bytes(PAGE)
-
-
-class QTest:
-    def __init__(self, path):
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(1)
-
-    def accept(self):
-        self.listener.settimeout(60)
-        self.conn, _ = self.listener.accept()
-        self.f = self.conn.makefile("rw")
-
-    def cmd(self, line):
-        self.f.write(line + "\n")
-        self.f.flush()
-        while True:
-            reply = self.f.readline().strip()
-            if not reply.startswith("IRQ"):
-                return reply
-
-    def write(self, addr, data):
-        return self.cmd(f"write {addr:#x} {len(data):#x} 0x{data.hex()}")
-
-    def read(self, addr, size):
-        reply = self.cmd(f"read {addr:#x} {size:#x}")
-        return bytes.fromhex(reply.split()[1][2:])
 
 
 def ctl(what):
@@ -159,7 +132,7 @@ try:
     t.equal(vms[0].qmp.cmd("query-memory-dedup"), [], "object-del while merged")
     t.check(all(qts[0].read(BASE + i * PAGE, PAGE) == expected(0, i)
                 for i in range(1, SHARED, 13)), "merged pages still read right after object-del")
-    # Added again at run time: it takes over the pages where they are.
+    # object-del unmerged them; added again at run time, it merges them again.
     vms[0].qmp.cmd("object-add", **{"qom-type": "memory-dedup", "id": "d1",
                                     "broker": bsock, "domain": "qtest",
                                     "pass-interval": 100, "cpu-limit": 100})
@@ -170,7 +143,7 @@ try:
             break
         time.sleep(0.3)
     t.check(info and info[0]["merged-pages"] >= SHARED - SHARED // 97 - 1,
-            "object-add again: the shared pages count as merged again", info)
+            "object-add again: the shared pages merge again", info)
     for i in range(0, SHARED, 89):
         qts[0].write(BASE + i * PAGE, page_bytes(66, i))
     bad = [i for i in range(SHARED + UNIQUE + ZERO)
