@@ -773,6 +773,9 @@ static void hmp_info_memory_dedup(Monitor *mon, const QDict *qdict)
                        PRIu64 " pages, VMAs %" PRIu64 "/%" PRIu64 ", CPU %" PRIu64
                        " ms\n", i->passes, i->last_pass_ms, i->scanned_pages,
                        i->vmas_used, i->vma_budget, i->cpu_ms);
+        monitor_printf(mon, "  discarded %" PRIu64 " merged pages, unmerged %" PRIu64
+                       ", resets %" PRIu64 "\n", i->discarded_pages, i->unmerged_pages,
+                       i->resets);
         for (strList *r = i->refused; r; r = r->next) {
             monitor_printf(mon, "  not covered: %s\n", r->value);
         }

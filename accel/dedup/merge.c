@@ -284,7 +284,13 @@ void restore_cowed(DedupEngine *e, Region *r, size_t p, size_t limit,
      * few still-merged pages along (they may merge again later).
      */
     if (end - s < 2 || cowed * 2 < end - s) {
-        if (restore_page(e, r, p, true)) {
+        /*
+         * Alone, a move costs up to two VMAs for good.  Past half the
+         * budget the page keeps its slot instead (its VMA still maps the
+         * slot, I2): merging needs the rest of the budget, and the run
+         * moves back in one piece once most of it is COWed.
+         */
+        if (engine_vmas(e) + 2 <= e->cfg.max_vmas / 2 && restore_page(e, r, p, true)) {
             *refs += p < limit;
         }
         return;

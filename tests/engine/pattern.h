@@ -2,7 +2,8 @@
 /*
  * Helpers of the engine tests.  Page contents: a page holds a pure function
  * of one value (0 is the zero page), so a reader can check it without a
- * copy.  And the kernel's view of the VMAs, to compare with the engine's.
+ * copy.  The kernel's view of the VMAs, to compare with the engine's.  The
+ * engine's threads.
  */
 #ifndef QDEDUP_TESTS_ENGINE_PATTERN_H
 #define QDEDUP_TESTS_ENGINE_PATTERN_H
@@ -11,6 +12,8 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+
+#include "engine.h"
 
 #define PAGE 4096u
 
@@ -70,6 +73,19 @@ static inline uint64_t count_vmas(uintptr_t start, uintptr_t end)
         fclose(f);
     }
     return n;
+}
+
+/* The engine's two threads, for pthread_create(). */
+static inline void *scanner(void *e)
+{
+    dedup_engine_run_scanner(e);
+    return NULL;
+}
+
+static inline void *faults(void *e)
+{
+    dedup_engine_run_faults(e);
+    return NULL;
 }
 
 #endif

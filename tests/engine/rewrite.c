@@ -36,18 +36,6 @@ static void tap(bool ok, const char *what)
     all_ok &= ok;
 }
 
-static void *scanner(void *e)
-{
-    dedup_engine_run_scanner(e);
-    return NULL;
-}
-
-static void *faults(void *e)
-{
-    dedup_engine_run_faults(e);
-    return NULL;
-}
-
 /* Wait (up to 60 s) until at least want pages are merged, or none hold a slot. */
 static DedupStats wait_for(DedupEngine *e, uint64_t want_merged, bool want_no_refs)
 {

@@ -112,18 +112,6 @@ static void *vcpu(void *arg)
     return NULL;
 }
 
-static void *scanner(void *e)
-{
-    dedup_engine_run_scanner(e);
-    return NULL;
-}
-
-static void *faults(void *e)
-{
-    dedup_engine_run_faults(e);
-    return NULL;
-}
-
 int main(int argc, char **argv)
 {
     DedupConfig cfg = { .domain = "stress", .name = "engine-stress", .zero_pages = true,

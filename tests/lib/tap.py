@@ -3,6 +3,7 @@
 printed at the end, and the exit status is non-zero when any check failed."""
 
 import sys
+import time
 
 
 class Tap:
@@ -24,6 +25,16 @@ class Tap:
     def equal(self, got, want, desc, detail=None):
         extra = f"\n{detail}" if detail is not None else ""
         return self.check(got == want, desc, f"got {got!r}, want {want!r}{extra}")
+
+    def wait(self, what, cond, timeout, step=0.3):
+        """Poll COND until it holds or TIMEOUT seconds pass (then say so)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return True
+            time.sleep(step)
+        self.diag(f"timed out after {timeout} s waiting for {what}")
+        return False
 
     def diag(self, text):
         for line in str(text).splitlines():

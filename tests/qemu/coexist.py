@@ -24,14 +24,12 @@ Usage: coexist.py QEMU_BUILD_DIR OWN_BUILD_DIR GUEST_DIR"""
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
-from host import broker_ctl  # noqa: E402
+from host import broker_ctl, finish, memcheck_rounds, tcg_guest_args  # noqa: E402
 from qmp import QemuProcess, QMPError  # noqa: E402
 from tap import Tap  # noqa: E402
 
@@ -50,18 +48,12 @@ DEDUP = f"memory-dedup,id=d0,broker={bsock},domain=coexist,pass-interval=300,cpu
 
 
 def vm_args(name, seed, extra=()):
-    return ["-accel", "tcg", "-machine", "q35", "-m", "256", "-smp", "1",
-            "-nodefaults", "-display", "none", "-name", f"{name},debug-threads=on",
-            "-serial", f"file:{os.path.join(tmp, name + '.console')}",
-            "-kernel", os.path.join(guest, "vmlinuz"),
-            "-initrd", os.path.join(guest, "initramfs.cpio.gz"),
-            "-append", f"console=ttyS0 panic=-1 qdedup.workload=memcheck "
-                       f"qdedup.shared={SHARED_MIB} qdedup.unique={UNIQUE_MIB} "
-                       f"qdedup.zero={ZERO_MIB} qdedup.seed={seed} qdedup.rounds=0 "
-                       f"qdedup.interval=1 qdedup.rewrite=1 qdedup.spare={SPARE_MIB} "
-                       "qdedup.free=8",
-            "-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
-            "-trace", "memory_dedup_discard", "-object", DEDUP, *extra]
+    return tcg_guest_args(guest, name, os.path.join(tmp, name + ".console"), 256, {
+        "workload": "memcheck", "shared": SHARED_MIB, "unique": UNIQUE_MIB,
+        "zero": ZERO_MIB, "seed": seed, "rounds": 0, "interval": 1, "rewrite": 1,
+        "spare": SPARE_MIB, "free": 8}) + [
+        "-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
+        "-trace", "memory_dedup_discard", "-object", DEDUP, *extra]
 
 
 def console(name):
@@ -74,21 +66,12 @@ def console(name):
 
 def rounds(name, since=0):
     """memcheck rounds passed in NAME's console after offset SINCE, and failures."""
-    text = console(name)[since:]
-    ok = re.findall(r"MEMCHECK-ROUND n=\d+ .* errors=0", text)
-    bad = [line for line in text.splitlines()
-           if "MEMCHECK-FAIL" in line or "Kernel panic" in line or "BUG:" in line]
+    ok, bad = memcheck_rounds(console(name)[since:])
     return len(ok), bad
 
 
 def wait_for(what, cond, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.3)
-    t.diag(f"timed out after {timeout} s waiting for {what}")
-    return False
+    return t.wait(what, cond, timeout, 0.3)
 
 
 def passes_rounds(name, n, what, timeout=180):
@@ -310,11 +293,6 @@ finally:
             t.check(False, f"{name}: QEMU is still running (exit {q.proc.returncode})",
                     q.output()[-3000:] + "\nconsole:\n" + console(name)[-3000:])
         q.__exit__(None, None, None)
-    broker.terminate()
-    broker.wait(timeout=10)
-    if t.failures:
-        t.diag(f"logs kept in {tmp}")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
+    finish(t, broker, tmp)
 
 t.done()

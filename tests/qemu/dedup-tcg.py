@@ -12,8 +12,6 @@ broker and in the host's PSS of the three QEMUs.
 Usage: dedup-tcg.py QEMU_BUILD_DIR OWN_BUILD_DIR GUEST_DIR"""
 
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +19,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
-from host import broker_ctl, pss_kib  # noqa: E402
+from host import broker_ctl, finish, memcheck_rounds, pss_kib, tcg_guest_args  # noqa: E402
 from qmp import QemuProcess  # noqa: E402
 from tap import Tap  # noqa: E402
 
@@ -65,10 +63,7 @@ def console(vm):
 
 def rounds(vm):
     """Passed memcheck rounds so far in VM, and any failure lines."""
-    text = console(vm)
-    ok = [int(n) for n in re.findall(r"MEMCHECK-ROUND n=(\d+) .* errors=0", text)]
-    bad = [line for line in text.splitlines()
-           if "MEMCHECK-FAIL" in line or "Kernel panic" in line or "BUG:" in line]
+    ok, bad = memcheck_rounds(console(vm))
     return (max(ok) if ok else 0), bad
 
 
@@ -77,13 +72,7 @@ def infos():
 
 
 def wait_for(what, cond, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.5)
-    t.diag(f"timed out after {timeout} s waiting for {what}")
-    return False
+    return t.wait(what, cond, timeout, 0.5)
 
 
 def wait_rounds(n, timeout=240):
@@ -105,17 +94,12 @@ broker = start_broker()
 vms = []
 try:
     for vm in range(NVM):
-        q = QemuProcess(qemu, [
-            "-accel", "tcg", "-machine", "q35", "-m", "256", "-smp", "1",
-            "-nodefaults", "-display", "none", "-no-reboot",
-            "-name", f"vm{vm},debug-threads=on",
-            "-serial", f"file:{os.path.join(tmp, f'vm{vm}.log')}",
-            "-kernel", os.path.join(guest, "vmlinuz"),
-            "-initrd", os.path.join(guest, "initramfs.cpio.gz"),
-            "-append", f"console=ttyS0 panic=-1 qdedup.workload=memcheck "
-                       f"qdedup.shared={SHARED_MIB} qdedup.unique={UNIQUE_MIB} "
-                       f"qdedup.zero={ZERO_MIB} qdedup.seed={vm + 1} qdedup.rounds=0 "
-                       "qdedup.interval=1 qdedup.rewrite=1",
+        console_path = os.path.join(tmp, f"vm{vm}.log")
+        q = QemuProcess(qemu, tcg_guest_args(guest, f"vm{vm}", console_path, 256, {
+            "workload": "memcheck", "shared": SHARED_MIB, "unique": UNIQUE_MIB,
+            "zero": ZERO_MIB, "seed": vm + 1, "rounds": 0, "interval": 1,
+            "rewrite": 1}) + [
+            "-no-reboot",
             "-object", f"memory-dedup,id=d0,broker={bsock},domain=tcg,enabled=off,"
                        "pass-interval=300,cpu-limit=50"])
         vms.append(q.__enter__())
@@ -197,11 +181,6 @@ finally:
             t.check(False, f"vm{vm}: QEMU is still running (exit status {q.proc.returncode})",
                     q.output()[-3000:] + "\nconsole:\n" + console(vm)[-3000:])
         q.__exit__(None, None, None)
-    broker.terminate()
-    broker.wait(timeout=10)
-    if t.failures:
-        t.diag(f"logs kept in {tmp}")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
+    finish(t, broker, tmp)
 
 t.done()

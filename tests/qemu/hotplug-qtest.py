@@ -11,13 +11,12 @@ is exactly what the broker holds for it.
 Usage: hotplug-qtest.py QEMU_BUILD_DIR OWN_BUILD_DIR"""
 
 import os
-import shutil
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
-from host import broker_ctl, start_broker  # noqa: E402
+from host import broker_ctl, finish, start_broker  # noqa: E402
 from qmp import QemuProcess  # noqa: E402
 from qtest import QTest  # noqa: E402
 from tap import Tap  # noqa: E402
@@ -119,10 +118,5 @@ try:
 finally:
     if q:
         q.__exit__(None, None, None)
-    broker.terminate()
-    broker.wait(timeout=10)
-    if t.failures:
-        t.diag(f"logs kept in {tmp}")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
+    finish(t, broker, tmp)
 t.done()
