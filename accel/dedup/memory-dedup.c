@@ -12,6 +12,11 @@
  * talks to the main loop through bottom halves (events).  RAM is followed
  * with a RAMBlockNotifier, registered once the machine is ready (-object
  * is created before the memory backends), which covers hot-plugged DIMMs.
+ *
+ * Beside the rest of QEMU (docs/memory-dedup.md): discards go through
+ * memory_dedup_ram_discard() (qemu-hooks.h), an incoming migration holds
+ * the engine until the guest runs, postcopy and background snapshots are
+ * refused, object-del unmerges first, and a reset clears the back-off.
  */
 
 #include "qemu/osdep.h"
@@ -70,7 +75,7 @@ struct MemoryDedup {
     bool machine_done_added;
     RAMBlockNotifier ram_notifier;
     bool ram_notifier_added;
-    bool detaching;         /* object-del: RAM stays, merged pages stay mapped */
+    bool detaching;         /* finalizing: the notifier's removals are not real */
     bool unmerge;           /* property: give merged pages back, merge no more */
     bool incoming;          /* an incoming migration writes guest RAM: wait */
     VMChangeStateEntry *vmstate;
