@@ -187,6 +187,9 @@ static const char *memory_dedup_refuse(MemoryDedup *md, RAMBlock *rb)
     if (rb->mr->readonly || rb->mr->rom_device || memory_region_is_ram_device(rb->mr)) {
         return "ROM or device memory";
     }
+    if (rb->page_size != qemu_real_host_page_size()) {
+        return "huge pages (hugetlbfs): merging works on 4 KiB pages";
+    }
     if (rb->flags & RAM_RESIZEABLE) {
         return "resizeable firmware blob";
     }
