@@ -32,7 +32,7 @@ export CCACHE_BASEDIR := $(abspath $(BUILD_DIR))
 export CCACHE_NOHASHDIR := 1
 endif
 
-.PHONY: all qemu overlay own guest check check-quick help clean distclean
+.PHONY: all qemu overlay own guest check check-quick install help clean distclean
 
 all: qemu own
 
@@ -58,6 +58,14 @@ check: all guest
 	@meson test -C $(OWN_BUILD) --print-errorlogs $(TESTFLAGS); \
 	    scripts/test-summary.py $(OWN_BUILD)/meson-logs/testlog.json
 
+# Into $(DESTDIR)$(PREFIX) (PREFIX from ./configure --prefix, /usr/local by
+# default): qemu-system-x86_64 with the overlay, the broker and its systemd
+# unit, qemu-dedup-ctl, the deploy/ rules and the docs (docs/operations.md).
+install: all
+	@echo "== install: into $(DESTDIR)$(PREFIX)"
+	@install -D -m 0755 $(QEMU_BIN) "$(DESTDIR)$(PREFIX)/bin/qemu-system-x86_64"
+	@meson install -C $(OWN_BUILD) --no-rebuild --quiet $(if $(DESTDIR),--destdir "$(DESTDIR)")
+
 # Only the tests that need no QEMU build.
 check-quick: own
 	@meson test -C $(OWN_BUILD) --print-errorlogs --no-suite qemu $(TESTFLAGS); \
@@ -70,6 +78,7 @@ help:
 	@echo "  own            only qdedup's own meson targets ($(OWN_BUILD))"
 	@echo "  guest          the test guest image ($(GUEST_DIR))"
 	@echo "  check          build everything and run every test"
+	@echo "  install        install into \$$(DESTDIR)$(PREFIX)"
 	@echo "  check-quick    run the tests that need no QEMU"
 	@echo "  clean          remove build products, keep the configured trees"
 	@echo "  distclean      remove $(BUILD_DIR) entirely"
