@@ -2,7 +2,8 @@
 /*
  * qemu-dedup-ctl: ask a running qemu-dedup-broker for its state, over its
  * control socket.  Subcommands stats, clients, domains; --json prints the
- * broker's reply as it is, for scripts.
+ * broker's reply as it is, for scripts.  vms adds libvirt's view
+ * (libvirt-vms.c).
  */
 #include <errno.h>
 #include <json-glib/json-glib.h>
@@ -11,6 +12,8 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
+
+#include "libvirt-vms.h"
 
 #define DEFAULT_CONTROL "/run/qemu-dedup/control.sock"
 
@@ -125,15 +128,18 @@ static void print_domains(JsonArray *a)
 int main(int argc, char **argv)
 {
     g_autofree char *control = NULL;
+    g_autofree char *connect = NULL;
     gboolean json = FALSE;
     GOptionEntry entries[] = {
+        { "connect", 'c', 0, G_OPTION_ARG_STRING, &connect,
+          "vms: the libvirt URI [libvirt's default]", "URI" },
         { "control", 0, 0, G_OPTION_ARG_FILENAME, &control,
           "the broker's control socket [" DEFAULT_CONTROL "]", "PATH" },
         { "json", 0, 0, G_OPTION_ARG_NONE, &json,
-          "print the broker's JSON reply instead of a table", NULL },
+          "print JSON instead of a table", NULL },
         { NULL }
     };
-    g_autoptr(GOptionContext) ctx = g_option_context_new("stats|clients|domains");
+    g_autoptr(GOptionContext) ctx = g_option_context_new("stats|clients|domains|vms");
     g_autoptr(GError) err = NULL;
     g_autoptr(JsonParser) parser = json_parser_new();
     g_autofree char *reply = NULL;
@@ -145,20 +151,40 @@ int main(int argc, char **argv)
         "Show the state of qemu-dedup-broker:\n"
         "  stats    pool size, slots, memory saved, lookups, publishes, frees, metadata\n"
         "  clients  each connected (or orphaned) QEMU: domain, slots, pages mapped\n"
-        "  domains  each trust domain: clients, slots, memory saved, quota");
+        "  domains  each trust domain: clients, slots, memory saved, quota\n"
+        "  vms      each running libvirt domain with memory-dedup: its QMP figures\n"
+        "           (query-memory-dedup) and the references the broker holds for it");
     if (!g_option_context_parse(ctx, &argc, &argv, &err)) {
         fprintf(stderr, "qemu-dedup-ctl: %s\n", err->message);
         return 2;
     }
     if (argc != 2) {
-        fprintf(stderr, "qemu-dedup-ctl: expected one subcommand: stats, clients or domains\n");
+        fprintf(stderr, "qemu-dedup-ctl: expected one subcommand: stats, clients, domains "
+                "or vms\n");
         return 2;
     }
     cmd = argv[1];
-    if (strcmp(cmd, "stats") && strcmp(cmd, "clients") && strcmp(cmd, "domains")) {
-        fprintf(stderr, "qemu-dedup-ctl: unknown subcommand '%s' (use stats, clients "
-                "or domains)\n", cmd);
+    if (strcmp(cmd, "stats") && strcmp(cmd, "clients") && strcmp(cmd, "domains") &&
+        strcmp(cmd, "vms")) {
+        fprintf(stderr, "qemu-dedup-ctl: unknown subcommand '%s' (use stats, clients, "
+                "domains or vms)\n", cmd);
         return 2;
+    }
+    if (!strcmp(cmd, "vms")) {
+        /* The broker's clients, to show beside libvirt's domains, if it answers. */
+        JsonNode *node;
+
+        reply = ask(control ? control : DEFAULT_CONTROL, "clients", &err);
+        if (err || !json_parser_load_from_data(parser, reply, -1, NULL) ||
+            !JSON_NODE_HOLDS_OBJECT(json_parser_get_root(parser)) ||
+            !(node = json_object_get_member(json_node_get_object(
+                  json_parser_get_root(parser)), "return")) ||
+            !JSON_NODE_HOLDS_ARRAY(node)) {
+            fprintf(stderr, "qemu-dedup-ctl: no broker view: %s\n",
+                    err ? err->message : "the broker's reply is not JSON");
+            return libvirt_vms(connect, NULL, json);
+        }
+        return libvirt_vms(connect, json_node_get_array(node), json);
     }
     reply = ask(control ? control : DEFAULT_CONTROL, cmd, &err);
     if (err) {

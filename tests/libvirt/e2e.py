@@ -15,6 +15,7 @@ qemu-system-x86_64 as <emulator> and the test image, it:
     (docs/libvirt.md), reads query-memory-dedup through
     'virsh qemu-monitor-command --return-value', and checks that the broker
     sees the domain and that scanned-pages grows;
+  - lists it with 'qemu-dedup-ctl vms' (libvirt's API beside the broker);
   - disables and enables dedup at run time (object-del, object-add);
   - checks that libvirt runs QEMU under its seccomp sandbox (spawn=deny,
     resourcecontrol=deny), with which everything above works;
@@ -192,6 +193,17 @@ def exercise(name, user):
     t.check(c is not None and c["domain"] == "libvirt" and
             c["uid"] == pwd.getpwnam(user).pw_uid,
             f"{name}: the broker sees the domain's QEMU as a client of uid {user}", c)
+    # qemu-dedup-ctl vms: libvirt's view beside the broker's.
+    r = run(CTL, f"--connect={uri}", f"--control={control}", "--json", "vms")
+    vms = json.loads(r.stdout) if r.returncode == 0 else []
+    mine = [v for v in vms if v["domain"] == name]
+    t.check(mine and mine[0]["memory-dedup"][0]["id"] == "d0" and mine[0]["broker"] and
+            mine[0]["broker"]["uid"] == pwd.getpwnam(user).pw_uid,
+            f"{name}: qemu-dedup-ctl vms lists it with its QMP figures and the broker's "
+            "client", r.stdout[-1500:] + r.stderr)
+    table = run(CTL, f"--connect={uri}", f"--control={control}", "vms").stdout
+    t.check(any(line.startswith(name + " ") for line in table.splitlines()),
+            f"{name}: and as a table row", table)
     # Disable and enable at run time.
     qmp(name, "object-del", id="d0")
     t.equal(qmp(name, "query-memory-dedup"), [], f"{name}: object-del turns dedup off")
