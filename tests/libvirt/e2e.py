@@ -19,6 +19,8 @@ qemu-system-x86_64 as <emulator> and the test image, it:
   - disables and enables dedup at run time (object-del, object-add);
   - checks that libvirt runs QEMU under its seccomp sandbox (spawn=deny,
     resourcecontrol=deny), with which everything above works;
+  - with <memoryBacking> memfd: private RAM is covered, shared is refused
+    (listed in 'refused' with the reason);
   - does it again with QEMU running as libvirt-qemu:kvm, with the
     /dev/userfaultfd rule of deploy/qemu-dedup.tmpfiles.conf applied (and
     the device's mode restored afterwards).
@@ -204,6 +206,7 @@ def exercise(name, user):
     table = run(CTL, f"--connect={uri}", f"--control={control}", "vms").stdout
     t.check(any(line.startswith(name + " ") for line in table.splitlines()),
             f"{name}: and as a table row", table)
+    t.diag(table)
     # Disable and enable at run time.
     qmp(name, "object-del", id="d0")
     t.equal(qmp(name, "query-memory-dedup"), [], f"{name}: object-del turns dedup off")
@@ -218,6 +221,26 @@ def exercise(name, user):
             f"{name}: object-add turns it on again; the broker sees it again")
     r = virsh("destroy", name)
     t.check(r.returncode == 0, f"{name}: destroyed", r.stderr)
+    virsh("undefine", name)
+
+
+def backing_case(name, backing, covered):
+    """memfd guest RAM: private is covered, shared (share=on) is refused."""
+    path = write(f"{tmp}/{name}.xml", domain_xml(name, memory_backing=backing))
+    r = virsh("define", "--validate", path)
+    r = r if r.returncode else virsh("start", name, timeout=300)
+    t.check(r.returncode == 0, f"{name}: defined and started", r.stderr + log_tail(name))
+    if r.returncode:
+        return
+    info = qmp(name, "query-memory-dedup")[0]
+    refused = [x for x in info["refused"] if x.startswith("pc.ram:")]
+    if covered:
+        t.check(info["covered-bytes"] >= 256 << 20 and not refused,
+                f"{name}: private memfd RAM is covered", info)
+    else:
+        t.check(info["covered-bytes"] < 256 << 20 and refused and "shared" in refused[0],
+                f"{name}: shared memfd RAM is refused, with the reason: {refused}", info)
+    virsh("destroy", name)
     virsh("undefine", name)
 
 
@@ -267,6 +290,10 @@ try:
     virsh("undefine", "qdedup-typo")
 
     exercise("qdedup-root", "root")
+    memfd = "\n  <memoryBacking>\n    <source type='memfd'/>\n    <access mode='{}'/>\n" \
+            "  </memoryBacking>"
+    backing_case("qdedup-memfd-private", memfd.format("private"), True)
+    backing_case("qdedup-memfd-shared", memfd.format("shared"), False)
 
     # QEMU as libvirt-qemu:kvm, with the deployment rule for /dev/userfaultfd.
     stop_libvirtd(libvirtd)
@@ -284,7 +311,8 @@ try:
     t.check(libvirtd.poll() is None, "the private libvirtd runs QEMU as libvirt-qemu:kvm")
     exercise("qdedup-user", "libvirt-qemu")
 finally:
-    for name in ("qdedup-typo", "qdedup-root", "qdedup-user"):
+    for name in ("qdedup-typo", "qdedup-root", "qdedup-user", "qdedup-memfd-private",
+                 "qdedup-memfd-shared"):
         if libvirtd and libvirtd.poll() is None:
             virsh("destroy", name)
             virsh("undefine", name)
