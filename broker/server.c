@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "qdedup/transport.h"
+#include "activation.h"
 #include "server.h"
 
 #ifndef SO_PEERPIDFD
@@ -430,7 +431,14 @@ int server_listen(const char *path, int type, guint mode, GError **errp)
 gboolean server_start(Server *s, Broker *b, GError **errp)
 {
     s->broker = b;
-    s->sock = server_listen(b->cfg->socket_path, SOCK_SEQPACKET, b->cfg->socket_mode, errp);
+    s->sock = activation_take("broker", SOCK_SEQPACKET);
+    s->activated = s->sock >= 0;
+    if (s->activated) {
+        g_message("client socket from systemd (socket activation)");
+    } else {
+        s->sock = server_listen(b->cfg->socket_path, SOCK_SEQPACKET, b->cfg->socket_mode,
+                                errp);
+    }
     if (s->sock < 0) {
         return FALSE;
     }
@@ -445,6 +453,8 @@ void server_stop(Server *s)
     }
     if (s->sock >= 0) {
         close(s->sock);
-        unlink(s->broker->cfg->socket_path);
+        if (!s->activated) {       /* systemd's socket stays for the next broker */
+            unlink(s->broker->cfg->socket_path);
+        }
     }
 }

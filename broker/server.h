@@ -10,6 +10,7 @@
 typedef struct Server {
     Broker *broker;
     int sock;
+    gboolean activated;     /* sock came from systemd: its file is not ours */
     guint watch;
 } Server;
 

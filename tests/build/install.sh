@@ -20,7 +20,8 @@ check "make install DESTDIR=... succeeds" [ $? -eq 0 ]
 [ -n "$out" ] && diag "$out" | tail -5
 root=$dest$prefix
 for f in bin/qemu-system-x86_64 sbin/qemu-dedup-broker bin/qemu-dedup-ctl \
-         lib/systemd/system/qemu-dedup-broker.service lib/tmpfiles.d/qemu-dedup.conf \
+         lib/systemd/system/qemu-dedup-broker.service \
+         lib/systemd/system/qemu-dedup-broker.socket lib/tmpfiles.d/qemu-dedup.conf \
          lib/sysctl.d/60-qemu-dedup.conf share/doc/qdedup/operations.md \
          share/doc/qdedup/libvirt.md share/doc/qdedup/broker.conf.example; do
     check "installed: $prefix/$f" [ -f "$root/$f" ]
