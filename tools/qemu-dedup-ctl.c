@@ -13,40 +13,10 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "broker-control.h"
 #include "libvirt-vms.h"
+#include "top.h"
 
-#define DEFAULT_CONTROL "/run/qemu-dedup/control.sock"
-
-static char *ask(const char *path, const char *command, GError **errp)
-{
-    struct sockaddr_un sa = { .sun_family = AF_UNIX };
-    g_autofree char *req = g_strdup_printf("{\"command\": \"%s\"}\n", command);
-    GString *reply = g_string_new(NULL);
-    char buf[4096];
-    ssize_t n;
-    int sock;
-
-    if (strlen(path) >= sizeof(sa.sun_path)) {
-        g_set_error(errp, G_IO_ERROR, G_IO_ERROR_INVALID_ARGUMENT, "path too long: %s", path);
-        return g_string_free(reply, TRUE);
-    }
-    strcpy(sa.sun_path, path);
-    sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (sock < 0 || connect(sock, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
-        send(sock, req, strlen(req), MSG_NOSIGNAL) < 0) {
-        g_set_error(errp, G_IO_ERROR, g_io_error_from_errno(errno),
-                    "cannot reach the broker at %s: %s", path, g_strerror(errno));
-        if (sock >= 0) {
-            close(sock);
-        }
-        return g_string_free(reply, TRUE);
-    }
-    while ((n = recv(sock, buf, sizeof(buf), 0)) > 0) {
-        g_string_append_len(reply, buf, n);
-    }
-    close(sock);
-    return g_string_free(reply, FALSE);
-}
 
 static gint64 num(JsonObject *o, const char *m)
 {
@@ -129,8 +99,19 @@ int main(int argc, char **argv)
 {
     g_autofree char *control = NULL;
     g_autofree char *connect = NULL;
+    g_auto(GStrv) qmp = NULL;
+    g_autofree char *csv = NULL;
+    gint interval = 1000, iterations = 0;
     gboolean json = FALSE;
     GOptionEntry entries[] = {
+        { "qmp", 'q', 0, G_OPTION_ARG_FILENAME_ARRAY, &qmp,
+          "top: a QEMU's QMP socket (repeat for each QEMU)", "PATH" },
+        { "interval", 'i', 0, G_OPTION_ARG_INT, &interval,
+          "top: milliseconds between samples [1000]", "MS" },
+        { "iterations", 'n', 0, G_OPTION_ARG_INT, &iterations,
+          "top: stop after N samples [0: at Ctrl-C]", "N" },
+        { "csv", 0, 0, G_OPTION_ARG_FILENAME, &csv,
+          "top: append every sample to this CSV file", "FILE" },
         { "connect", 'c', 0, G_OPTION_ARG_STRING, &connect,
           "vms: the libvirt URI [libvirt's default]", "URI" },
         { "control", 0, 0, G_OPTION_ARG_FILENAME, &control,
@@ -139,7 +120,7 @@ int main(int argc, char **argv)
           "print JSON instead of a table", NULL },
         { NULL }
     };
-    g_autoptr(GOptionContext) ctx = g_option_context_new("stats|clients|domains|vms");
+    g_autoptr(GOptionContext) ctx = g_option_context_new("stats|clients|domains|vms|top");
     g_autoptr(GError) err = NULL;
     g_autoptr(JsonParser) parser = json_parser_new();
     g_autofree char *reply = NULL;
@@ -153,28 +134,36 @@ int main(int argc, char **argv)
         "  clients  each connected (or orphaned) QEMU: domain, slots, pages mapped\n"
         "  domains  each trust domain: clients, slots, memory saved, quota\n"
         "  vms      each running libvirt domain with memory-dedup: its QMP figures\n"
-        "           (query-memory-dedup) and the references the broker holds for it");
+        "           (query-memory-dedup) and the references the broker holds for it\n"
+        "  top      live dashboard of the broker and the QEMUs given with --qmp");
     if (!g_option_context_parse(ctx, &argc, &argv, &err)) {
         fprintf(stderr, "qemu-dedup-ctl: %s\n", err->message);
         return 2;
     }
     if (argc != 2) {
-        fprintf(stderr, "qemu-dedup-ctl: expected one subcommand: stats, clients, domains "
-                "or vms\n");
+        fprintf(stderr, "qemu-dedup-ctl: expected one subcommand: stats, clients, domains, "
+                "vms or top\n");
         return 2;
     }
     cmd = argv[1];
     if (strcmp(cmd, "stats") && strcmp(cmd, "clients") && strcmp(cmd, "domains") &&
-        strcmp(cmd, "vms")) {
+        strcmp(cmd, "vms") && strcmp(cmd, "top")) {
         fprintf(stderr, "qemu-dedup-ctl: unknown subcommand '%s' (use stats, clients, "
-                "domains or vms)\n", cmd);
+                "domains, vms or top)\n", cmd);
         return 2;
+    }
+    if (!strcmp(cmd, "top")) {
+        if (interval < 100) {
+            fprintf(stderr, "qemu-dedup-ctl: --interval must be at least 100 (ms)\n");
+            return 2;
+        }
+        return ctl_top(control ? control : DEFAULT_CONTROL, qmp, interval, iterations, csv);
     }
     if (!strcmp(cmd, "vms")) {
         /* The broker's clients, to show beside libvirt's domains, if it answers. */
         JsonNode *node;
 
-        reply = ask(control ? control : DEFAULT_CONTROL, "clients", &err);
+        reply = broker_control_ask(control ? control : DEFAULT_CONTROL, "clients", &err);
         if (err || !json_parser_load_from_data(parser, reply, -1, NULL) ||
             !JSON_NODE_HOLDS_OBJECT(json_parser_get_root(parser)) ||
             !(node = json_object_get_member(json_node_get_object(
@@ -186,7 +175,7 @@ int main(int argc, char **argv)
         }
         return libvirt_vms(connect, json_node_get_array(node), json);
     }
-    reply = ask(control ? control : DEFAULT_CONTROL, cmd, &err);
+    reply = broker_control_ask(control ? control : DEFAULT_CONTROL, cmd, &err);
     if (err) {
         fprintf(stderr, "qemu-dedup-ctl: %s\n", err->message);
         return 1;

@@ -63,6 +63,8 @@ try:
             "-accel", "qtest", "-qtest", f"unix:{os.path.join(tmp, f'qtest{i}.sock')}",
             "-machine", "pc", "-nodefaults", "-display", "none", "-m", "128",
             "-name", f"vm{i},debug-threads=on",
+            # A second monitor for qemu-dedup-ctl top (a QMP socket takes one client).
+            "-qmp", f"unix:{os.path.join(tmp, f'top{i}.sock')},server=on,wait=off",
             "-trace", "memory_dedup_merged", "-trace", "memory_dedup_cow",
             "-trace", "memory_dedup_broker_lookup",
             "-object", f"memory-dedup,id=d0,broker={bsock},domain=qtest,enabled=off,"
@@ -106,6 +108,24 @@ try:
     st = ctl("stats")
     t.check(st and st["clients"] == 2 and st["slots-used"] >= SHARED,
             "the broker sees both and holds the shared pages once", st)
+    # qemu-dedup-ctl top: the dashboard over both QMP sockets and the broker.
+    csv = os.path.join(tmp, "top.csv")
+    top = subprocess.run([CTL, "top", f"--control={control}", "-n", "2", "-i", "200",
+                          f"--csv={csv}"] + [f"--qmp={os.path.join(tmp, f'top{i}.sock')}"
+                                             for i in range(2)],
+                         capture_output=True, text=True, timeout=60)
+    frame = top.stdout.split("qdedup top")[-1]
+    rows = {line.split()[0]: line.split() for line in frame.splitlines()
+            if line.startswith(("vm0", "vm1", "total"))}
+    t.check(top.returncode == 0 and {"vm0", "vm1", "total"} <= set(rows) and
+            float(rows["total"][2]) > 0 and "broker: pool" in frame,
+            "qemu-dedup-ctl top shows both VMs, their total saving and the broker",
+            top.stdout[-1500:] + top.stderr)
+    with open(csv) as f:
+        lines = [line.strip().split(",") for line in f][1:]
+    t.check(len([r for r in lines if r[1] in ("vm0", "vm1")]) == 4 and
+            all(int(r[3]) > 0 for r in lines if r[1] in ("vm0", "vm1")),
+            "and its --csv has two samples of each VM with saved bytes", lines)
     # Write into merged pages: copy-on-write, the other VM keeps its copy.
     for i in range(0, SHARED, 97):
         qts[0].write(BASE + i * PAGE, page_bytes(55, i))
