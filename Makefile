@@ -32,7 +32,7 @@ export CCACHE_BASEDIR := $(abspath $(BUILD_DIR))
 export CCACHE_NOHASHDIR := 1
 endif
 
-.PHONY: all qemu overlay own guest check check-quick install help clean distclean
+.PHONY: all qemu overlay own guest demo check check-quick install help clean distclean
 
 all: qemu own
 
@@ -52,6 +52,10 @@ own:
 guest:
 	@echo "== guest: test guest image in $(GUEST_DIR)"
 	@scripts/guest/build-image.sh --cache-dir=$(CACHE_DIR) $(GUEST_DIR)
+
+# The main job: four guests getting smaller, live, until Ctrl-C (scripts/demo).
+demo: all guest
+	@scripts/demo/demo.py
 
 check: all guest
 	@echo "== check: meson test -C $(OWN_BUILD)"
@@ -77,6 +81,7 @@ help:
 	@echo "  qemu           only qemu-system-x86_64 ($(QEMU_BIN))"
 	@echo "  own            only qdedup's own meson targets ($(OWN_BUILD))"
 	@echo "  guest          the test guest image ($(GUEST_DIR))"
+	@echo "  demo           four guests with memory-dedup and a live dashboard (Ctrl-C ends it)"
 	@echo "  check          build everything and run every test"
 	@echo "  install        install into \$$(DESTDIR)$(PREFIX)"
 	@echo "  check-quick    run the tests that need no QEMU"
