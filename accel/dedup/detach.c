@@ -106,7 +106,7 @@ int dedup_engine_discard(DedupEngine *e, void *host, size_t len)
 }
 
 /* Unmerge up to max pages, e->lock held; the pool-mapped pages left. */
-static uint64_t unmerge_locked(DedupEngine *e, uint64_t max, uint64_t *merged_left)
+static uint64_t unmerge_locked(DedupEngine *e, uint64_t max)
 {
     g_autoptr(GArray) unref = g_array_new(FALSE, FALSE, sizeof(uint64_t));
     uint64_t left = 0, merged = 0, done = 0;
@@ -122,18 +122,11 @@ static uint64_t unmerge_locked(DedupEngine *e, uint64_t max, uint64_t *merged_le
                 continue;
             }
             /* One copy and one mremap per run: a VMA each, as while merged. */
-            while (p + n < r->npages && pool_mapped(r, p + n) && n < 512) {
+            while (p + n < r->npages && pool_mapped(r, p + n) && n < MOVE_RUN_MAX) {
                 n++;
             }
             if (done < max && move_to_anon(e, r, p, n)) {
-                for (size_t j = p; j < p + n; j++) {
-                    uint64_t slot = r->slot[j];
-
-                    g_array_append_val(unref, slot);
-                    region_set_page(r, j, j == p ? PAGE_MOVED : PAGE_MOVED_CONT,
-                                    DEDUP_NO_SLOT);
-                    forget_page(r, j);
-                }
+                mark_moved_run(r, p, n, unref);
                 e->st.unmerged += n;
                 done += n;
             } else {
@@ -149,16 +142,15 @@ static uint64_t unmerge_locked(DedupEngine *e, uint64_t max, uint64_t *merged_le
     e->st.vmas_used = engine_vmas(e);
     e->st.merged_pages = merged;
     e->st.pool_refs = left;
-    *merged_left = merged;
     return left;
 }
 
 uint64_t dedup_engine_unmerge(DedupEngine *e, uint64_t max_pages)
 {
-    uint64_t left, merged;
+    uint64_t left;
 
     g_mutex_lock(&e->lock);
-    left = unmerge_locked(e, max_pages, &merged);
+    left = unmerge_locked(e, max_pages);
     g_mutex_unlock(&e->lock);
     return left;
 }

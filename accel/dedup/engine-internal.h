@@ -113,6 +113,10 @@ void drop_zero_pages(DedupEngine *e, Region *r, const size_t *pages, size_t n);
 void thp_split_batch(DedupEngine *e, Region *r, const uint8_t *pm, size_t first, size_t n);
 /* Copy pages [page, page+n) of r to anonymous memory, moved in atomically. */
 bool move_to_anon(DedupEngine *e, Region *r, size_t page, size_t n);
+/* Longest run moved back at once: bounds how long guest writes wait. */
+#define MOVE_RUN_MAX 512u
+/* Pages [s, s+n) of r were moved back in one piece (one VMA): slots to unref. */
+void mark_moved_run(Region *r, size_t s, size_t n, GArray *unref);
 /* Move a COWed page back to anonymous memory; release its slot if asked. */
 bool restore_page(DedupEngine *e, Region *r, size_t page, bool release);
 /*

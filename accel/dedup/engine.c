@@ -112,8 +112,7 @@ void dedup_engine_free(DedupEngine *e)
         Region *r = g_ptr_array_index(e->regions, i);
 
         for (size_t p = 0; p < r->npages && !pool_in_use; p++) {
-            pool_in_use = (r->kind[p] & 0x7f) == PAGE_MERGED ||
-                          (r->kind[p] & 0x7f) == PAGE_COWED;
+            pool_in_use = pool_mapped(r, p);
         }
         region_free(r);
     }

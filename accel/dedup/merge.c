@@ -255,8 +255,15 @@ bool restore_page(DedupEngine *e, Region *r, size_t page, bool release)
     return true;
 }
 
-/* Longest piece of a pool run moved back at once: bounds the write stall. */
-#define RESTORE_RUN_MAX 512u
+void mark_moved_run(Region *r, size_t s, size_t n, GArray *unref)
+{
+    for (size_t i = s; i < s + n; i++) {
+        uint64_t slot = r->slot[i];
+
+        g_array_append_val(unref, slot);
+        region_set_page(r, i, i == s ? PAGE_MOVED : PAGE_MOVED_CONT, DEDUP_NO_SLOT);
+    }
+}
 
 void restore_cowed(DedupEngine *e, Region *r, size_t p, size_t limit,
                    uint64_t *refs, uint64_t *merged)
@@ -265,11 +272,11 @@ void restore_cowed(DedupEngine *e, Region *r, size_t p, size_t limit,
     size_t s = p, end = p + 1, cowed = 0;
 
     /* p's run: neighbours that map consecutive slots (one VMA). */
-    while (s > 0 && p - s < RESTORE_RUN_MAX / 2 && pool_mapped(r, s - 1) &&
+    while (s > 0 && p - s < MOVE_RUN_MAX / 2 && pool_mapped(r, s - 1) &&
            r->slot[s - 1] + 1 == r->slot[s]) {
         s--;
     }
-    while (end < r->npages && end - s < RESTORE_RUN_MAX && pool_mapped(r, end) &&
+    while (end < r->npages && end - s < MOVE_RUN_MAX && pool_mapped(r, end) &&
            r->slot[end] == r->slot[end - 1] + 1) {
         end++;
     }
@@ -298,16 +305,11 @@ void restore_cowed(DedupEngine *e, Region *r, size_t p, size_t limit,
     if (!move_to_anon(e, r, s, end - s)) {
         return;
     }
-    for (size_t i = s; i < end; i++) {
-        uint64_t slot = r->slot[i];
-
-        if (i < limit) {
-            *refs += 1;
-            *merged += (r->kind[i] & 0x7f) == PAGE_MERGED;
-        }
-        g_array_append_val(unref, slot);
-        region_set_page(r, i, i == s ? PAGE_MOVED : PAGE_MOVED_CONT, DEDUP_NO_SLOT);
+    for (size_t i = s; i < MIN(end, limit); i++) {
+        *refs += 1;
+        *merged += (r->kind[i] & 0x7f) == PAGE_MERGED;
     }
+    mark_moved_run(r, s, end - s, unref);
     engine_trace(e, DEDUP_TRACE_RESTORED, r, s, end - s);
     broker_unref(e, (uint64_t *)unref->data, unref->len);
     e->st.restored += end - s;
