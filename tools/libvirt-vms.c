@@ -11,6 +11,7 @@
 #include <libvirt/virterror.h>
 #include <stdio.h>
 
+#include "fields.h"
 #include "libvirt-vms.h"
 
 /* The domain's memory-dedup objects, or NULL (none, or a QEMU without them). */
@@ -50,11 +51,6 @@ static JsonObject *client_named(JsonArray *clients, const char *name)
         }
     }
     return NULL;
-}
-
-static gint64 num(JsonObject *o, const char *m)
-{
-    return o ? json_object_get_int_member_with_default(o, m, 0) : 0;
 }
 
 static void print_row(const char *name, JsonObject *d, JsonObject *c)

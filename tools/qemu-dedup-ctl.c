@@ -14,24 +14,10 @@
 #include <unistd.h>
 
 #include "broker-control.h"
+#include "fields.h"
 #include "libvirt-vms.h"
 #include "top.h"
 
-
-static gint64 num(JsonObject *o, const char *m)
-{
-    return json_object_get_int_member_with_default(o, m, 0);
-}
-
-static const char *str(JsonObject *o, const char *m)
-{
-    return json_object_get_string_member_with_default(o, m, "");
-}
-
-static double mib(gint64 bytes)
-{
-    return bytes / 1048576.0;
-}
 
 static void print_stats(JsonObject *o)
 {

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "broker-control.h"
+#include "fields.h"
 #include "qmp-client.h"
 #include "top.h"
 
@@ -35,16 +36,6 @@ static volatile sig_atomic_t stop_requested;
 static void on_signal(int sig)
 {
     stop_requested = 1;
-}
-
-static gint64 num(JsonObject *o, const char *m)
-{
-    return json_object_get_int_member_with_default(o, m, 0);
-}
-
-static double mib(gint64 bytes)
-{
-    return bytes / 1048576.0;
 }
 
 /* One sample of one QEMU; reconnects when its QMP went away. */
