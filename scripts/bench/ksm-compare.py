@@ -60,6 +60,7 @@ here = os.path.dirname(os.path.abspath(__file__))
 root = os.path.abspath(os.path.join(here, "..", ".."))
 sys.path.insert(0, os.path.join(root, "tests", "lib"))
 from host import pss_kib  # noqa: E402
+from plot import line_plot  # noqa: E402
 from qmp import QMP  # noqa: E402
 
 KSM = "/sys/kernel/mm/ksm"
@@ -340,7 +341,7 @@ def markdown(args, summary):
 
 
 def plots(runs, out):
-    """saving.png (MiB saved against 'none' over time) and cpu.png, with gnuplot."""
+    """saving.png (MiB saved against 'none' over time) and cpu.png, per mode."""
     base = runs["none"].samples
     base_end = sum(s["pss_kib"] for s in base[-5:]) / len(base[-5:])
     made = []
@@ -349,26 +350,13 @@ def plots(runs, out):
              lambda s: (base_end - s["pss_kib"]) / 1024),
             ("cpu", "CPU used by ksmd / qdedup's threads and broker", "CPU seconds",
              lambda s: s.get("cpu_s", 0.0))):
-        data = os.path.join(out, f"{name}.dat")
-        modes = [m for m in runs if m != "none"]
-        with open(data, "w") as f:
-            for mode in modes:
-                r = runs[mode]
-                f.write(f'"{mode}"\n')
-                # Before every guest has loaded its data the baseline is not comparable.
-                for s in r.samples:
-                    if s["t"] >= (r.t_loaded or 0):
-                        f.write(f"{s['t'] - (r.t_loaded or 0):.1f} {value(s):.2f}\n")
-                f.write("\n\n")
+        # Before every guest has loaded its data the baseline is not comparable.
+        series = {mode: [(s["t"] - (r.t_loaded or 0), value(s)) for s in r.samples
+                         if s["t"] >= (r.t_loaded or 0)]
+                  for mode, r in runs.items() if mode != "none"}
         png = os.path.join(out, f"{name}.png")
-        script = (f'set terminal png size 1000,560; set output "{png}"\n'
-                  f'set title "{title}"; set xlabel "seconds after the data was loaded"\n'
-                  f'set ylabel "{ylabel}"; set key left top; set grid\n'
-                  f'plot for [i=0:{len(modes) - 1}] "{data}" index i using 1:2 with lines '
-                  'linewidth 2 title columnheader(1)\n')
-        if modes and subprocess.run(["gnuplot"], input=script, text=True).returncode == 0:
+        if line_plot(png, title, "seconds after the data was loaded", ylabel, series):
             made.append(png)
-        os.unlink(data)
     return made
 
 

@@ -39,6 +39,7 @@ CTL = os.path.join(root, "build", "own", "tools", "qemu-dedup-ctl")
 GUEST = os.path.join(root, "build", "guest")
 sys.path.insert(0, os.path.join(root, "tests", "lib"))
 from host import tcg_guest_args  # noqa: E402
+from plot import line_plot  # noqa: E402
 
 GUESTS = [  # name, trust domain, workload parameters
     ("vm1-identical", "tenant-a", {"workload": "memcheck", "shared": 128, "unique": 8,
@@ -60,34 +61,19 @@ def die_with_parent():
 
 
 def plot(samples, png):
-    """Saved MiB over time per VM and in total, with gnuplot."""
+    """Saved MiB over time per VM and in total."""
     series = {}
     with open(samples) as f:
         for r in csv.DictReader(f):
             if r["vm"] != "broker":
                 series.setdefault(r["vm"], []).append((float(r["t"]),
                                                        int(r["saved_bytes"]) / 2**20))
-    if not series:
-        return False
-    data = png + ".dat"
-    with open(data, "w") as f:
-        for name, points in series.items():
-            f.write(f'"{name}"\n')
-            for t, mib in points:
-                f.write(f"{t} {mib:.1f}\n")
-            f.write("\n\n")
-        times = sorted({t for points in series.values() for t, _ in points})
-        f.write('"total"\n')
-        for t in times:
-            f.write(f"{t} {sum(m for p in series.values() for tt, m in p if tt == t):.1f}\n")
-    script = (f'set terminal png size 1000,560; set output "{png}"\n'
-              'set title "qdedup: guest memory saved"; set xlabel "seconds"\n'
-              'set ylabel "MiB saved"; set key left top; set grid\n'
-              f'plot for [i=0:{len(series)}] "{data}" index i using 1:2 with lines '
-              'linewidth 2 title columnheader(1)\n')
-    ok = subprocess.run(["gnuplot"], input=script, text=True).returncode == 0
-    os.unlink(data)
-    return ok and os.path.exists(png)
+    totals = {}
+    for points in series.values():
+        for t, mib in points:
+            totals[t] = totals.get(t, 0) + mib
+    series["total"] = sorted(totals.items())
+    return line_plot(png, "qdedup: guest memory saved", "seconds", "MiB saved", series)
 
 
 def main():
