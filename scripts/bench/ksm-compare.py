@@ -12,8 +12,9 @@ and runs the same scenario once per mode:
   qdedup          -object memory-dedup with its defaults, one broker
 
 KSM's settings are restored afterwards.  Every second it samples the
-guests' PSS, KSM's counters, ksmd's CPU and ours (the dedup-* threads of
-every QEMU plus the broker).  Per mode it reports:
+guests' PSS and RSS, host MemAvailable, KSM's counters, our QMP and
+broker figures, ksmd's CPU and ours (the dedup-* threads of every QEMU plus
+the broker).  Per mode it reports:
 
   saving      PSS of the N QEMUs (and the broker, which maps the pool) in
               'none' minus the same in this mode, at the end
@@ -23,16 +24,17 @@ every QEMU plus the broker).  Per mode it reports:
               the saving first reaches 90% of its final value
   cpu         CPU seconds of ksmd, or of our threads and the broker, from
               the first guest's start to the end of the run
+  % of ideal  saving / the ideal saving, counted from the guests' RAM at the
+              end of 'none' (ideal.py: present pages minus distinct non-zero
+              contents)
+  t50         the same as t90 for 50% of the final saving
+  MiB/CPU s   MiB saved per CPU second
   write p50/p99  guest-visible latency of the first write to a page of the
-              identical data, sampled once the saving reached 90% (workload
-              'identical' only; memcheck --latency in the guest)
+              identical data, sampled once the saving reached 90% (workloads
+              that time writes; memcheck in the guest)
   overhead    (qdedup) metadata-bytes + vmas-used x VMA size, % of guest RAM
 
-Workloads: idle (boot, then nothing), identical (every guest loads the same
---shared-mib of data, then samples write latency).
-
-  t50         the same for 50% of the final saving
-  MiB/CPU s   MiB saved per CPU second
+Workloads (workloads.py): idle, identical, half-unique, zero-heavy, churn.
 
 Writes OUT/samples.csv, OUT/summary.json, OUT/summary.md and the plots
 OUT/saving.png (saving over time) and OUT/cpu.png (CPU over time), one line
@@ -59,9 +61,11 @@ import time
 here = os.path.dirname(os.path.abspath(__file__))
 root = os.path.abspath(os.path.join(here, "..", ".."))
 sys.path.insert(0, os.path.join(root, "tests", "lib"))
-from host import pss_kib  # noqa: E402
+from host import broker_ctl, pss_kib  # noqa: E402
 from plot import line_plot  # noqa: E402
 from qmp import QMP  # noqa: E402
+from ideal import ideal_saving  # noqa: E402
+from workloads import WORKLOADS  # noqa: E402
 
 KSM = "/sys/kernel/mm/ksm"
 PAGE_KIB = 4
@@ -76,6 +80,13 @@ def read(path):
 def write(path, value):
     with open(path, "w") as f:
         f.write(str(value))
+
+
+def rss_kib(pid):
+    try:
+        return int(re.search(r"VmRSS:\s+(\d+)", read(f"/proc/{pid}/status")).group(1))
+    except (OSError, AttributeError):
+        return 0
 
 
 def task_cpu_s(path):
@@ -127,6 +138,8 @@ class Run:
         self.args, self.mode, self.tmp = args, mode, tmp
         self.qemu = os.path.join(args.qemu_build, "qemu-system-x86_64")
         self.procs, self.qmps, self.broker = [], [], None
+        self.ctl = os.path.join(args.own_build, "tools", "qemu-dedup-ctl")
+        self.ideal = None
         self.samples = []
 
     def console(self, i):
@@ -147,12 +160,9 @@ class Run:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             while not os.path.exists(f"{self.tmp}/control.sock"):
                 time.sleep(0.05)
-        if a.workload == "identical":
-            append = (f"qdedup.workload=latency qdedup.shared={a.shared_mib} "
-                      f"qdedup.interval={a.sample_interval} qdedup.sample=32")
-        else:
-            append = "qdedup.workload=idle"
+        workload = WORKLOADS[a.workload]
         for i in range(a.guests):
+            append = workload.append(i, a.shared_mib)
             qmp = os.path.join(self.tmp, f"{self.mode}-qmp{i}.sock")
             argv = [self.qemu, "-accel", "tcg", "-m", str(a.mem), "-smp", "1",
                     "-machine", "q35" + (",mem-merge=off" if self.mode == "none" else ""),
@@ -173,7 +183,7 @@ class Run:
             self.qmps.append(QMP(qmp))
 
     def loaded(self):
-        marker = "MEMCHECK-FILLED" if self.args.workload == "identical" else "QDEDUP-READY"
+        marker = WORKLOADS[self.args.workload].loaded
         return all(marker in self.console(i) for i in range(self.args.guests))
 
     def sample(self, t):
@@ -181,6 +191,7 @@ class Run:
         s = {"t": round(t, 2), "mode": self.mode,
              "pss_kib": sum(pss_kib(p.pid) for p in self.procs) +
              (pss_kib(self.broker.pid) if self.broker else 0),
+             "rss_kib": sum(rss_kib(p.pid) for p in self.procs),
              "mem_available_kib": int(re.search(r"MemAvailable:\s+(\d+)",
                                                 read("/proc/meminfo")).group(1))}
         if self.mode.startswith("ksm"):
@@ -195,6 +206,10 @@ class Run:
             s["vmas_used"] = sum(i["vmas-used"] for i in infos)
             s["cpu_s"] = (sum(dedup_threads_cpu_s(p.pid) for p in self.procs) +
                           task_cpu_s(f"/proc/{self.broker.pid}/stat"))
+            stats = broker_ctl(self.ctl, f"{self.tmp}/control.sock", "stats") or {}
+            for key in ("pool-resident-bytes", "slots-used", "saved-bytes"):
+                if key in stats:
+                    s["broker_" + key.replace("-", "_")] = stats[key]
         else:
             s["cpu_s"] = 0.0
         self.samples.append(s)
@@ -253,6 +268,9 @@ def run_mode(args, mode, tmp, ksm_saved):
             for lat in r.latencies():
                 line_times.setdefault(lat[:2], now - t_start)
             if t_loaded is not None and now - t_start - t_loaded >= args.duration:
+                if mode == "none":
+                    print("   counting the ideal saving in the guests' RAM", flush=True)
+                    r.ideal = ideal_saving([(p.pid, q) for p, q in zip(r.procs, r.qmps)])
                 break
             if now - t_start > args.duration + 900:
                 raise RuntimeError(f"{mode}: guests did not load their data in 900 s")
@@ -269,6 +287,7 @@ def run_mode(args, mode, tmp, ksm_saved):
 
 def summarize(args, runs):
     base = runs.get("none")
+    ideal = base.ideal if base else None
     guest_kib = args.guests * args.mem * 1024
     out = {}
     for mode, r in runs.items():
@@ -290,6 +309,8 @@ def summarize(args, runs):
                                 base_end - s["pss_kib"] >= frac / 100 * saving), None)
                 m[f"t{frac}_s"] = None if reached is None else round(reached - r.t_loaded, 1)
                 m[f"t{frac}_abs_s"] = reached
+            if ideal and ideal["ideal_saving_mib"] > 0:
+                m["pct_of_ideal"] = 100 * m["saving_mib"] / ideal["ideal_saving_mib"]
             m["cpu_s_per_gib_saved"] = (m["cpu_s"] / (saving / 1048576)
                                         if saving > 0 else None)
             m["mib_saved_per_cpu_s"] = (saving / 1024 / m["cpu_s"]
@@ -300,7 +321,9 @@ def summarize(args, runs):
             m["metadata_mib"] = last["metadata_bytes"] / 1048576
             m["vmas_used"] = last["vmas_used"]
             m["overhead_pct_of_guest_ram"] = 100 * over / (guest_kib * 1024)
-        if args.workload == "identical":
+        if mode == "none" and ideal:
+            m.update(ideal)
+        if WORKLOADS[args.workload].latency:
             after = m.get("t90_abs_s") or r.t_loaded
             p50 = [lat[3] for lat in r.latency_lines if lat[0] >= after]
             p99 = [lat[4] for lat in r.latency_lines if lat[0] >= after]
@@ -316,15 +339,23 @@ def markdown(args, summary):
     cols = [("saving_mib", "saved MiB (PSS)", "{:.0f}"),
             ("freed_mib", "freed MiB (MemAvailable)", "{:.0f}"),
             ("saving_pct_of_guest_ram", "% of guest RAM", "{:.1f}"),
+            ("pct_of_ideal", "% of ideal", "{:.1f}"),
             ("t50_s", "t50 s", "{:.0f}"), ("t90_s", "t90 s", "{:.0f}"),
             ("cpu_s", "CPU s", "{:.1f}"),
             ("cpu_s_per_gib_saved", "CPU s / GiB saved", "{:.1f}"),
             ("mib_saved_per_cpu_s", "MiB saved / CPU s", "{:.0f}"),
             ("write_p50_us", "write p50 us", "{:.1f}"),
             ("write_p99_us", "write p99 us", "{:.1f}")]
-    lines = [f"{args.guests} x {args.mem} MiB TCG guests, workload {args.workload}"
-             + (f" ({args.shared_mib} MiB identical data each)" if args.workload == "identical" else "")
-             + f", {args.duration} s after load", "",
+    doc = WORKLOADS[args.workload].doc.replace("SHARED", str(args.shared_mib))
+    lines = [f"{args.guests} x {args.mem} MiB TCG guests, workload {args.workload} "
+             f"({doc}), {args.duration} s after load", ""]
+    ideal = summary.get("none", {})
+    if "ideal_saving_mib" in ideal:
+        lines += [f"Ideal saving {ideal['ideal_saving_mib']:.0f} MiB: of "
+                  f"{ideal['present_pages']} guest pages present in 'none', "
+                  f"{ideal['zero_pages']} are zero and {ideal['distinct_pages']} "
+                  "distinct non-zero contents need a page each.", ""]
+    lines += [
              "| mode | " + " | ".join(c[1] for c in cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
     for mode, m in summary.items():
@@ -367,9 +398,8 @@ def main():
     ap.add_argument("--guest", default=os.path.join(root, "build", "guest"))
     ap.add_argument("--guests", type=int, default=4)
     ap.add_argument("--mem", type=int, default=512, help="MiB per guest")
-    ap.add_argument("--workload", choices=["idle", "identical"], default="identical")
+    ap.add_argument("--workload", choices=list(WORKLOADS), default="identical")
     ap.add_argument("--shared-mib", type=int, default=192)
-    ap.add_argument("--sample-interval", type=int, default=10)
     ap.add_argument("--modes", default="none,ksm,ksm-aggressive,qdedup")
     ap.add_argument("--duration", type=int, default=240,
                     help="seconds to run after every guest loaded its data")
@@ -380,7 +410,7 @@ def main():
     args = ap.parse_args()
     if args.smoke:
         args.guests, args.mem, args.shared_mib, args.duration = 2, 256, 32, 20
-        args.workload, args.sample_interval = "identical", 5
+        args.workload = "identical"
         args.modes = "none,ksm-aggressive,qdedup"
     modes = args.modes.split(",")
     for m in modes:

@@ -23,7 +23,9 @@
  *
  * With --latency it instead times, every --interval seconds, the first write
  * to --sample shared pages not written before (the copy-on-write of a merged
- * page, once merged) and prints p50/p99 per sample.
+ * page, once merged) and prints p50/p99 per sample.  --time-writes times the
+ * first write to each page a round rewrites and prints the same line per
+ * round (a churning workload's writes, merged or not).
  *
  * Output lines (the host's tests parse them):
  *   MEMCHECK-FILLED shared=N unique=N zero=N        once, after the fill
@@ -31,6 +33,7 @@
  *   MEMCHECK-FAIL region=R page=N offset=N gen=N    on a mismatch (exit 1)
  *   MEMCHECK-FREED spare=N                          the spare region was unmapped
  *   MEMCHECK-LATENCY n=N pages=N p50-ns=N p99-ns=N max-ns=N errors=N
+ *                                                   --latency, --time-writes
  *   MEMCHECK-DONE rounds=N errors=N
  *
  * Built statically by build-image.sh; no libc beyond the basics.
@@ -128,6 +131,30 @@ static int cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* The time one first write to the page at P takes (a COW fault if merged). */
+static uint64_t timed_first_write(volatile uint8_t *p)
+{
+    uint64_t t0 = now_ns();
+
+    p[0] ^= 1;
+    t0 = now_ns() - t0;
+    p[0] ^= 1;
+    return t0;
+}
+
+static void print_latency(long n, uint64_t *lat, size_t count, unsigned long errors)
+{
+    if (!count) {
+        return;
+    }
+    qsort(lat, count, sizeof(*lat), cmp_u64);
+    printf("MEMCHECK-LATENCY n=%ld pages=%zu p50-ns=%llu p99-ns=%llu max-ns=%llu "
+           "errors=%lu\n", n, count, (unsigned long long)lat[count / 2],
+           (unsigned long long)lat[count * 99 / 100],
+           (unsigned long long)lat[count - 1], errors);
+    fflush(stdout);
+}
+
 /*
  * Every INTERVAL seconds, time the first write to SAMPLE shared pages not
  * written since the fill, and verify them.  The host matches each sample's
@@ -154,21 +181,11 @@ static int latency_samples(long samples, long interval, size_t sample)
     for (long s = 1; (samples <= 0 || s <= samples) && next + sample <= n; s++) {
         sleep(interval);
         for (size_t i = 0; i < sample; i++) {
-            volatile uint8_t *b = regions[SHARED].base + order[next + i] * PAGE;
-            uint64_t t0 = now_ns();
-
-            b[0] ^= 1;
-            lat[i] = now_ns() - t0;
-            b[0] ^= 1;
+            lat[i] = timed_first_write(regions[SHARED].base + order[next + i] * PAGE);
             errors += check_page(SHARED, order[next + i]);
         }
         next += sample;
-        qsort(lat, sample, sizeof(*lat), cmp_u64);
-        printf("MEMCHECK-LATENCY n=%ld pages=%zu p50-ns=%llu p99-ns=%llu max-ns=%llu "
-               "errors=%lu\n", s, sample, (unsigned long long)lat[sample / 2],
-               (unsigned long long)lat[sample * 99 / 100],
-               (unsigned long long)lat[sample - 1], errors);
-        fflush(stdout);
+        print_latency(s, lat, sample, errors);
     }
     printf("MEMCHECK-DONE rounds=0 errors=%lu\n", errors);
     fflush(stdout);
@@ -179,7 +196,8 @@ static void usage(void)
 {
     fprintf(stderr, "usage: memcheck [--shared-mib N] [--unique-mib N] "
             "[--zero-mib N] [--rounds N] [--interval S] [--rewrite-pct P] "
-            "[--seed N] [--spare-mib N --free-round N] [--latency [--sample N]]\n");
+            "[--seed N] [--spare-mib N --free-round N] [--latency [--sample N]] "
+            "[--time-writes]\n");
     exit(2);
 }
 
@@ -190,7 +208,8 @@ int main(int argc, char **argv)
     size_t sample = 256, spare_pages = 0;
     long free_round = 0;
     uint8_t *spare = NULL;
-    int latency = 0;
+    int latency = 0, time_writes = 0;
+    uint64_t *write_ns = NULL;
     unsigned long errors = 0;
     uint64_t rng = 1;
 
@@ -200,6 +219,10 @@ int main(int argc, char **argv)
 
         if (!strcmp(a, "--latency")) {
             latency = 1;
+            continue;
+        }
+        if (!strcmp(a, "--time-writes")) {
+            time_writes = 1;
             continue;
         }
         if (!v) {
@@ -273,6 +296,10 @@ int main(int argc, char **argv)
     if (latency) {
         return latency_samples(rounds, interval, sample);
     }
+    if (time_writes && !(write_ns = calloc(regions[SHARED].pages + 1, sizeof(*write_ns)))) {
+        printf("MEMCHECK-FAIL cannot allocate the write timings\n");
+        return 1;
+    }
 
     for (long n = 1; rounds <= 0 || n <= rounds; n++) {
         size_t checked = 0, rewritten = 0;
@@ -285,6 +312,10 @@ int main(int argc, char **argv)
         }
         for (size_t p = 0; p < regions[SHARED].pages; p++) {
             if (splitmix(&rng) % 100 < (uint64_t)rewrite_pct) {
+                if (write_ns) {
+                    write_ns[rewritten] =
+                        timed_first_write(regions[SHARED].base + p * PAGE);
+                }
                 regions[SHARED].gen[p]++;
                 write_page(SHARED, p);
                 errors += check_page(SHARED, p);
@@ -294,6 +325,9 @@ int main(int argc, char **argv)
         printf("MEMCHECK-ROUND n=%ld checked=%zu rewritten=%zu errors=%lu\n",
                n, checked, rewritten, errors);
         fflush(stdout);
+        if (write_ns) {
+            print_latency(n, write_ns, rewritten, errors);
+        }
         if (errors) {
             break;
         }
