@@ -39,7 +39,12 @@ typedef struct Region {
     uint8_t *cooldown;      /* passes to skip: COWed soon after merging, or no match */
     uint8_t *misses;        /* lookups without a match since the content changed */
     uint32_t *slot;         /* PAGE_MERGED/COWED: pool slot we hold a reference to */
-    uint64_t *hash;         /* low 64 bits of the last hash, 0: none */
+    /*
+     * Low 32 bits of the last hash, 0: none.  Only tells whether the page
+     * changed since the last pass: lookups send the full hash and merges
+     * compare bytes, so a collision costs at most one early lookup.
+     */
+    uint32_t *hash;
     uint64_t vmas;          /* extra VMAs our mappings cost here (I7) */
 } Region;
 
@@ -77,6 +82,7 @@ struct DedupEngine {
     Broker broker;
     int64_t cpu_ns_scanner, cpu_ns_faults;      /* atomics */
     bool budget_reported;
+    unsigned idle_passes;       /* quiet passes in a row (scanner thread) */
     DedupStats st;          /* counters; "now" figures computed per pass */
 };
 
