@@ -25,6 +25,7 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -523,10 +524,50 @@ static uint64_t work_done(const DedupStats *st)
  * a thousandth of the pages: a live guest always writes a few pages, and a
  * few COWs a second are not worth a pass every 0.5 s (which cost a settled
  * 512 MiB guest 14 ms a pass, mostly the page-table walk).  A settled guest
- * then costs a pass every 8 s; a guest that writes keeps the short interval.
+ * then costs a pass every 8 s; a guest that writes keeps the short interval,
+ * and one that starts populating memory cuts the pause short.
  */
 #define IDLE_BACKOFF_MAX 4
 #define UNMERGE_STEP 4096           /* pages unmerged between CPU-limit checks */
+
+/* Resident pages of this process (statm), 0 if unknown. */
+static uint64_t resident_pages(void)
+{
+    g_autofree char *statm = NULL;
+    unsigned long long size, resident;
+
+    if (!g_file_get_contents("/proc/self/statm", &statm, NULL, NULL) ||
+        sscanf(statm, "%llu %llu", &size, &resident) != 2) {
+        return 0;
+    }
+    return resident;
+}
+
+/*
+ * Sleep between passes; false if stopped.  While backed off, look at the
+ * process's resident pages every pass-interval (a few microseconds): a guest
+ * that starts loading data after a quiet spell populates memory, and should
+ * not wait up to 8 s for the pass that merges it.
+ */
+static bool pause_between_passes(DedupEngine *e, uint64_t quiet_pages)
+{
+    int64_t left = (int64_t)e->cfg.pass_interval_ms << e->idle_passes;
+    uint64_t rss0 = e->idle_passes ? resident_pages() : 0;
+
+    while (left > 0) {
+        int64_t step = MIN(left, (int64_t)e->cfg.pass_interval_ms);
+
+        if (!pace(e, 0, 0, step)) {
+            return false;
+        }
+        left -= step;
+        if (left > 0 && rss0 && resident_pages() > rss0 + quiet_pages) {
+            e->idle_passes = 0;
+            break;
+        }
+    }
+    return true;
+}
 
 void dedup_engine_run_scanner(DedupEngine *e)
 {
@@ -549,7 +590,7 @@ void dedup_engine_run_scanner(DedupEngine *e)
         }
         PassTotals t = { 0 };
         size_t ri = 0, page = 0;
-        uint64_t work_before = work_done(&e->st);
+        uint64_t work_before = work_done(&e->st), quiet_pages;
 
         for (;;) {
             int64_t cpu0 = thread_cpu_ns(), wall0 = g_get_monotonic_time();
@@ -591,11 +632,12 @@ void dedup_engine_run_scanner(DedupEngine *e)
             e->budget_reported = false;
             e->st.vma_budget_reached = false;
         }
-        e->idle_passes = t.changed + work_done(&e->st) - work_before >
-                         e->st.covered_bytes / DEDUP_PAGE / 1024
+        /* A live guest always changes a few pages: a thousandth is quiet. */
+        quiet_pages = e->st.covered_bytes / DEDUP_PAGE / 1024;
+        e->idle_passes = t.changed + work_done(&e->st) - work_before > quiet_pages
                          ? 0 : MIN(e->idle_passes + 1, IDLE_BACKOFF_MAX);
         g_mutex_unlock(&e->lock);
-        if (!pace(e, 0, 0, (int64_t)e->cfg.pass_interval_ms << e->idle_passes)) {
+        if (!pause_between_passes(e, quiet_pages)) {
             break;
         }
     }

@@ -4,7 +4,8 @@
 For every guest it reads the RAM block's host mapping (QEMU's HMP gpa2hva
 gives its address) through /proc/PID/pagemap and /proc/PID/mem, with the
 guests stopped.  Only pages present on the host count: a page the guest never
-touched costs nothing to begin with.  Of the present pages, a zero page needs
+touched costs nothing to begin with, nor does one that maps the kernel's
+shared zero page (a read of untouched memory; /proc/kpageflags tells).  Of the present pages, a zero page needs
 no memory and each distinct non-zero content needs one page, across all the
 guests (one trust domain), so
 
@@ -19,6 +20,22 @@ import struct
 PAGE = 4096
 CHUNK = 512                     # pages read at once
 ZERO = bytes(PAGE)
+PFN_MASK = (1 << 55) - 1
+KPF_ZERO_PAGE = 1 << 24
+
+
+class KPageFlags:
+    """Whether a PFN is the zero page (or the huge zero page's), cached."""
+
+    def __init__(self):
+        self.f = open("/proc/kpageflags", "rb")
+        self.cache = {}
+
+    def zero_page(self, pfn):
+        if pfn not in self.cache:
+            self.f.seek(pfn * 8)
+            self.cache[pfn] = bool(struct.unpack("<Q", self.f.read(8))[0] & KPF_ZERO_PAGE)
+        return self.cache[pfn]
 
 
 def ram_mapping(qmp):
@@ -31,7 +48,7 @@ def ram_mapping(qmp):
     return int(m.group(1), 16), size
 
 
-def census(pid, addr, size, contents):
+def census(pid, addr, size, contents, kpf):
     """Present and present-zero pages of [ADDR, ADDR+SIZE) in PID; adds the
     digest of every present non-zero page to the set CONTENTS."""
     present = zero = 0
@@ -47,12 +64,14 @@ def census(pid, addr, size, contents):
             for i, e in enumerate(entries):
                 if not e >> 63:                 # bit 63: present in RAM
                     continue
-                present += 1
                 page = data[i * PAGE:(i + 1) * PAGE]
                 if page == ZERO:
+                    if kpf.zero_page(e & PFN_MASK):
+                        continue
                     zero += 1
                 else:
                     contents.add(hashlib.blake2b(page, digest_size=16).digest())
+                present += 1
     return present, zero
 
 
@@ -64,8 +83,9 @@ def ideal_saving(guests):
         qmp.cmd("stop")
     contents = set()
     present = zero = 0
+    kpf = KPageFlags()
     for pid, (addr, size) in maps:
-        p, z = census(pid, addr, size, contents)
+        p, z = census(pid, addr, size, contents, kpf)
         present += p
         zero += z
     return {"present_pages": present, "zero_pages": zero,
