@@ -32,7 +32,7 @@ export CCACHE_BASEDIR := $(abspath $(BUILD_DIR))
 export CCACHE_NOHASHDIR := 1
 endif
 
-.PHONY: all qemu overlay own guest demo check check-quick install help clean distclean
+.PHONY: all qemu overlay own guest demo bench check check-quick install help clean distclean
 
 all: qemu own
 
@@ -56,6 +56,11 @@ guest:
 # The main job: four guests getting smaller, live, until Ctrl-C (scripts/demo).
 demo: all guest
 	@scripts/demo/demo.py
+
+# qdedup beside KSM on the same guests, one workload, all modes (root; long).
+WORKLOAD ?= identical
+bench: all guest
+	@python3 scripts/bench/ksm-compare.py --workload $(WORKLOAD)
 
 check: all guest
 	@echo "== check: meson test -C $(OWN_BUILD)"
@@ -82,6 +87,7 @@ help:
 	@echo "  own            only qdedup's own meson targets ($(OWN_BUILD))"
 	@echo "  guest          the test guest image ($(GUEST_DIR))"
 	@echo "  demo           four guests with memory-dedup and a live dashboard (Ctrl-C ends it)"
+	@echo "  bench          qdedup against KSM, WORKLOAD=idle|identical|half-unique|zero-heavy|churn"
 	@echo "  check          build everything and run every test"
 	@echo "  install        install into \$$(DESTDIR)$(PREFIX)"
 	@echo "  check-quick    run the tests that need no QEMU"

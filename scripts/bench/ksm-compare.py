@@ -349,7 +349,8 @@ def markdown(args, summary):
             ("mib_saved_per_cpu_s", "MiB saved / CPU s", "{:.0f}"),
             ("write_p50_us", "write p50 us", "{:.1f}"),
             ("write_p99_us", "write p99 us", "{:.1f}")]
-    doc = WORKLOADS[args.workload].doc.replace("SHARED", str(args.shared_mib))
+    s = args.shared_mib
+    doc = WORKLOADS[args.workload].doc.format(s=s, h=s // 2, q=s // 4)
     lines = [f"{args.guests} x {args.mem} MiB TCG guests, workload {args.workload} "
              f"({doc}), {args.duration} s after load", ""]
     ideal = summary.get("none", {})
