@@ -5,9 +5,9 @@ For every guest it reads the RAM block's host mapping (QEMU's HMP gpa2hva
 gives its address) through /proc/PID/pagemap and /proc/PID/mem, with the
 guests stopped.  Only pages present on the host count: a page the guest never
 touched costs nothing to begin with, nor does one that maps the kernel's
-shared zero page (a read of untouched memory; /proc/kpageflags tells).  Of the present pages, a zero page needs
-no memory and each distinct non-zero content needs one page, across all the
-guests (one trust domain), so
+shared zero page (a read of untouched memory; /proc/kpageflags tells).  Of
+the present pages, a zero page needs no memory and each distinct non-zero
+content needs one page, across all the guests (one trust domain), so
 
     ideal saving = present pages - distinct non-zero contents
 

@@ -63,7 +63,7 @@ import time
 here = os.path.dirname(os.path.abspath(__file__))
 root = os.path.abspath(os.path.join(here, "..", ".."))
 sys.path.insert(0, os.path.join(root, "tests", "lib"))
-from host import broker_ctl, pss_kib  # noqa: E402
+from host import broker_ctl, pss_kib, rss_kib  # noqa: E402
 from plot import line_plot  # noqa: E402
 from qmp import QMP  # noqa: E402
 from ideal import ideal_saving  # noqa: E402
@@ -82,13 +82,6 @@ def read(path):
 def write(path, value):
     with open(path, "w") as f:
         f.write(str(value))
-
-
-def rss_kib(pid):
-    try:
-        return int(re.search(r"VmRSS:\s+(\d+)", read(f"/proc/{pid}/status")).group(1))
-    except (OSError, AttributeError):
-        return 0
 
 
 def task_cpu_s(path):
@@ -190,9 +183,9 @@ class Run:
 
     def sample(self, t):
         # The broker maps the whole pool: its share of the pool's PSS counts.
+        broker_pss = pss_kib(self.broker.pid) if self.broker else 0
         s = {"t": round(t, 2), "mode": self.mode,
-             "pss_kib": sum(pss_kib(p.pid) for p in self.procs) +
-             (pss_kib(self.broker.pid) if self.broker else 0),
+             "pss_kib": sum(pss_kib(p.pid) for p in self.procs) + broker_pss,
              "rss_kib": sum(rss_kib(p.pid) for p in self.procs),
              "mem_available_kib": int(re.search(r"MemAvailable:\s+(\d+)",
                                                 read("/proc/meminfo")).group(1))}
@@ -208,7 +201,7 @@ class Run:
             s["vmas_used"] = sum(i["vmas-used"] for i in infos)
             s["cpu_s"] = (sum(dedup_threads_cpu_s(p.pid) for p in self.procs) +
                           task_cpu_s(f"/proc/{self.broker.pid}/stat"))
-            s["broker_pss_kib"] = pss_kib(self.broker.pid)
+            s["broker_pss_kib"] = broker_pss
             stats = broker_ctl(self.ctl, f"{self.tmp}/control.sock", "stats") or {}
             for key in ("pool-resident-bytes", "slots-used", "saved-bytes", "metadata-bytes"):
                 if key in stats:

@@ -5,7 +5,8 @@ Each one is a set of kernel parameters for the test guest's /init
 (scripts/guest/workloads/*.sh), the console line that says the guest has
 loaded its data (the bench measures from the moment every guest printed it),
 and whether the guest times its writes (memcheck's MEMCHECK-LATENCY lines).
-{s} in a doc is --shared-mib ({h}: half, {q}: a quarter); guest I gets seed I + 1, so 'unique' data differs."""
+{s} in a doc is --shared-mib ({h}: half, {q}: a quarter); guest I gets
+seed I + 1, so 'unique' data differs."""
 
 
 class Workload:

@@ -21,6 +21,18 @@ def pss_kib(pid):
     return 0
 
 
+def rss_kib(pid):
+    """Resident set size of a process, in KiB (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def broker_ctl(ctl, control, what):
     """qemu-dedup-ctl --json WHAT against a control socket; None on failure."""
     out = subprocess.run([ctl, f"--control={control}", "--json", what],
