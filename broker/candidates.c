@@ -6,11 +6,6 @@
 
 #define MIN_CAPACITY 64
 
-static uint64_t key_of(QdHash h)
-{
-    return h.lo ? h.lo : 1;
-}
-
 static uint32_t fold(uint64_t cookie)
 {
     return (uint32_t)cookie ^ (uint32_t)(cookie >> 32);
@@ -23,9 +18,10 @@ static void gen_init(CandGen *g, uint64_t capacity)
     g->count = 0;
 }
 
-static CandEntry *gen_find(const CandGen *g, uint64_t key)
+static CandEntry *gen_find(const CandGen *g, uint64_t key, uint64_t *probes)
 {
     for (uint64_t i = key & g->mask;; i = (i + 1) & g->mask) {
+        (*probes)++;
         if (g->cells[i].key == key) {
             return &g->cells[i];
         }
@@ -89,6 +85,8 @@ void candidates_init(Candidates *c)
 {
     gen_init(&c->cur, MIN_CAPACITY);
     gen_init(&c->prev, MIN_CAPACITY);
+    c->gen = 1;
+    c->probes = 0;
 }
 
 void candidates_destroy(Candidates *c)
@@ -97,23 +95,45 @@ void candidates_destroy(Candidates *c)
     g_free(c->prev.cells);
 }
 
-CandResult candidates_check(Candidates *c, QdHash h, uint32_t owner, uint64_t cookie)
+/* May the client place one more entry in the current generation? */
+static gboolean budget_take(const Candidates *c, CandBudget *b)
 {
-    CandEntry want = { .key = key_of(h), .owner = owner, .cookie = fold(cookie) };
-    CandEntry *e = gen_find(&c->cur, want.key);
+    if (b->gen != c->gen) {
+        b->gen = c->gen;
+        b->placed = 0;
+    }
+    if (b->max && b->placed >= b->max) {
+        b->refused++;
+        return FALSE;
+    }
+    b->placed++;
+    return TRUE;
+}
+
+CandResult candidates_check(Candidates *c, uint64_t kh, uint32_t owner, uint64_t cookie,
+                            CandBudget *budget)
+{
+    CandEntry want = { .key = kh, .owner = owner, .cookie = fold(cookie) };
+    CandEntry *e = gen_find(&c->cur, want.key, &c->probes);
 
     if (!e) {
-        e = gen_find(&c->prev, want.key);
-        if (e) {
+        e = gen_find(&c->prev, want.key, &c->probes);
+        if (e && e->owner == owner && e->cookie == want.cookie) {
             /* Still alive: carry it into the current generation. */
             CandEntry keep = *e;
 
+            if (!budget_take(c, budget)) {
+                return CAND_SEEN;   /* it stays in prev until rotation */
+            }
             gen_remove(&c->prev, e);
             gen_insert(&c->cur, keep);
-            e = gen_find(&c->cur, want.key);
+            return CAND_SEEN;
         }
     }
     if (!e) {
+        if (!budget_take(c, budget)) {
+            return CAND_OVER;
+        }
         gen_insert(&c->cur, want);
         return CAND_NEW;
     }
@@ -140,16 +160,15 @@ static void gen_shrink(CandGen *g)
     g_free(old.cells);
 }
 
-void candidates_forget(Candidates *c, QdHash h)
+void candidates_forget(Candidates *c, uint64_t key)
 {
-    uint64_t key = key_of(h);
     CandEntry *e;
 
-    if ((e = gen_find(&c->cur, key))) {
+    if ((e = gen_find(&c->cur, key, &c->probes))) {
         gen_remove(&c->cur, e);
         gen_shrink(&c->cur);
     }
-    if ((e = gen_find(&c->prev, key))) {
+    if ((e = gen_find(&c->prev, key, &c->probes))) {
         gen_remove(&c->prev, e);
         gen_shrink(&c->prev);
     }
@@ -166,6 +185,7 @@ void candidates_rotate(Candidates *c)
     g_free(c->prev.cells);
     c->prev = c->cur;
     gen_init(&c->cur, cap);
+    c->gen++;
 }
 
 uint64_t candidates_count(const Candidates *c)

@@ -8,6 +8,11 @@
  * Two generations: entries not seen again within one to two lifetimes are
  * dropped wholesale at rotation, as KSM rebuilds its unstable tree each
  * pass, so pages that changed or left do not pile up.
+ *
+ * Against a hostile client: entries are keyed by the broker's keyed hash
+ * (keyed.h), not by hash bits a client picks, and each client may place at
+ * most CandBudget.max entries per generation (so at most twice that in the
+ * table); past it, its new hashes are simply not remembered.
  */
 #ifndef QDEDUP_BROKER_CANDIDATES_H
 #define QDEDUP_BROKER_CANDIDATES_H
@@ -29,19 +34,32 @@ typedef struct CandGen {
 
 typedef struct Candidates {
     CandGen cur, prev;
+    uint64_t gen;           /* generations started */
+    uint64_t probes;        /* cells looked at, for the stats */
 } Candidates;
+
+/* What one client placed in the current generation. */
+typedef struct CandBudget {
+    uint64_t gen;
+    uint64_t placed;
+    uint64_t max;           /* 0 = no limit */
+    uint64_t refused;       /* hashes not remembered because of max */
+} CandBudget;
 
 typedef enum CandResult {
     CAND_NEW,       /* first sighting: remembered */
     CAND_SEEN,      /* the same page again (same owner and cookie) */
     CAND_MATCH,     /* a different page has this hash */
+    CAND_OVER,      /* not remembered: the client's budget is spent */
 } CandResult;
 
 void candidates_init(Candidates *c);
 void candidates_destroy(Candidates *c);
-CandResult candidates_check(Candidates *c, QdHash h, uint32_t owner, uint64_t cookie);
+/* kh: the keyed hash of the page hash (keyed.h). */
+CandResult candidates_check(Candidates *c, uint64_t kh, uint32_t owner, uint64_t cookie,
+                            CandBudget *budget);
 /* Drop the hash (it is in the stable index now). */
-void candidates_forget(Candidates *c, QdHash h);
+void candidates_forget(Candidates *c, uint64_t kh);
 /* Start a new generation; the one before the current is dropped. */
 void candidates_rotate(Candidates *c);
 uint64_t candidates_count(const Candidates *c);

@@ -12,11 +12,12 @@
 #include "qdedup/protocol.h"
 
 #define MAX_POOL_SLOTS ((uint64_t)UINT32_MAX - 1)   /* index cells are 32-bit */
+#define MAX_POOLS_BYTES (64ull << 40)                /* all pools, mapped in the broker */
 
 static const char help_description[] =
-"qemu-dedup-broker owns the pool of memory pages shared by QEMU guests that\n"
+"qemu-dedup-broker owns the pools of memory pages shared by QEMU guests that\n"
 "use -object memory-dedup on this host: it keeps the canonical copy of each\n"
-"shared page in one memfd, indexes pages by trust domain and XXH3-128 hash,\n"
+"shared page in one memfd per trust domain, indexes pages by XXH3-128 hash,\n"
 "counts references per client, frees dead pages, and enforces quotas.  It\n"
 "runs in the foreground, logs to standard error, and exits cleanly on\n"
 "SIGTERM or SIGINT.\n"
@@ -27,19 +28,23 @@ static const char help_description[] =
 "\n"
 "CONFIGURATION FILE\n"
 "  A glib key file; command-line options override it.  [broker] holds the\n"
-"  keys socket, control, state, pool-max, client-quota, domain-quota,\n"
-"  allow-uids, allow-gids, control-uids (lists of names or numbers,\n"
-"  separated by ';'), open-domains (true/false), candidate-lifetime and\n"
-"  restart-grace (seconds), socket-mode (octal).  Each [domain NAME] group\n"
-"  restricts trust domain NAME: allow-uids, allow-gids, secret-file (a file\n"
+"  keys socket, control, state, pool-max (per domain), client-quota,\n"
+"  domain-quota, allow-uids, allow-gids, control-uids (lists of names or\n"
+"  numbers, separated by ';'), open-domains (true/false), candidate-lifetime,\n"
+"  restart-grace and handshake-timeout (seconds), socket-mode (octal), and\n"
+"  the limits max-domains, uid-connections, uid-handshakes, auth-failures\n"
+"  (per uid per minute) and client-candidates.  Each [domain NAME] group\n"
+"  declares trust domain NAME: allow-uids, allow-gids, secret-file (a file\n"
 "  whose content a client must present, e.g. from a QEMU secret object),\n"
 "  quota (size).  See docs/broker.md.\n"
 "\n"
 "ACCESS\n"
 "  Clients are identified by SO_PEERCRED.  Only root, the broker's own user\n"
 "  and the users and groups in allow-uids/allow-gids may connect.  A client\n"
-"  shares pages only with clients of the same trust domain; one that names\n"
-"  no domain shares with nobody.\n"
+"  shares pages only with clients of the same trust domain, which must be\n"
+"  declared in the configuration; one that names no domain shares with\n"
+"  nobody.  The broker runs as root (or with CAP_SYS_PTRACE): after a\n"
+"  restart it asks the kernel which processes map which pool pages.\n"
 "\n"
 "FILES\n"
 "  " DEFAULT_CONFIG "     configuration (read when present)\n"
@@ -169,8 +174,9 @@ static gboolean size_to_slots(const char *what, const char *s, gboolean zero_ok,
     return TRUE;
 }
 
-static gboolean seconds(const char *what, GKeyFile *kf, const char *key, guint *out,
-                        GError **errp)
+/* An integer key of [broker] from lo to hi; what names it in errors. */
+static gboolean number(const char *file, GKeyFile *kf, const char *key, guint64 lo,
+                       guint64 hi, const char *unit, guint64 *out, GError **errp)
 {
     g_autofree char *s = g_key_file_get_value(kf, "broker", key, NULL);
     char *end;
@@ -180,9 +186,22 @@ static gboolean seconds(const char *what, GKeyFile *kf, const char *key, guint *
         return TRUE;
     }
     v = g_ascii_strtoull(s, &end, 10);
-    if (*end || end == s || v == 0 || v > 86400) {
+    if (*end || end == s || v < lo || v > hi) {
         g_set_error(errp, G_KEY_FILE_ERROR, G_KEY_FILE_ERROR_INVALID_VALUE,
-                    "%s: '%s' must be a number of seconds from 1 to 86400", what, s);
+                    "%s: %s: '%s' must be a number of %s from %" G_GUINT64_FORMAT
+                    " to %" G_GUINT64_FORMAT, file, key, s, unit, lo, hi);
+        return FALSE;
+    }
+    *out = v;
+    return TRUE;
+}
+
+static gboolean uint_key(const char *file, GKeyFile *kf, const char *key, guint lo,
+                         guint hi, const char *unit, guint *out, GError **errp)
+{
+    guint64 v = *out;
+
+    if (!number(file, kf, key, lo, hi, unit, &v, errp)) {
         return FALSE;
     }
     *out = v;
@@ -251,7 +270,9 @@ static gboolean load_domain(BrokerConfig *cfg, GKeyFile *kf, const char *group,
 static const char *const broker_keys[] = {
     "socket", "control", "state", "pool-max", "client-quota", "domain-quota",
     "allow-uids", "allow-gids", "control-uids", "open-domains",
-    "candidate-lifetime", "restart-grace", "socket-mode", NULL,
+    "candidate-lifetime", "restart-grace", "socket-mode", "max-domains",
+    "uid-connections", "uid-handshakes", "handshake-timeout", "auth-failures",
+    "client-candidates", NULL,
 };
 
 static gboolean load_file(BrokerConfig *cfg, GError **errp)
@@ -328,8 +349,20 @@ static gboolean load_file(BrokerConfig *cfg, GError **errp)
             return FALSE;
         }
     }
-    if (!seconds(f, kf, "candidate-lifetime", &cfg->candidate_lifetime, errp) ||
-        !seconds(f, kf, "restart-grace", &cfg->restart_grace, errp)) {
+    if (!uint_key(f, kf, "candidate-lifetime", 1, 86400, "seconds",
+                  &cfg->candidate_lifetime, errp) ||
+        !uint_key(f, kf, "restart-grace", 1, 86400, "seconds", &cfg->restart_grace, errp) ||
+        !uint_key(f, kf, "handshake-timeout", 1, 3600, "seconds",
+                  &cfg->handshake_timeout, errp) ||
+        !uint_key(f, kf, "max-domains", 1, 65536, "domains", &cfg->max_domains, errp) ||
+        !uint_key(f, kf, "uid-connections", 1, 1 << 20, "connections",
+                  &cfg->uid_connections, errp) ||
+        !uint_key(f, kf, "uid-handshakes", 1, 1 << 20, "connections",
+                  &cfg->uid_handshakes, errp) ||
+        !uint_key(f, kf, "auth-failures", 1, 1000000, "failures per minute",
+                  &cfg->auth_failures, errp) ||
+        !number(f, kf, "client-candidates", 1, (guint64)1 << 40, "candidates",
+                &cfg->client_candidates, errp)) {
         return FALSE;
     }
     if ((v = g_key_file_get_value(kf, "broker", "socket-mode", NULL))) {
@@ -362,7 +395,7 @@ gboolean config_load(BrokerConfig *cfg, int *argc, char ***argv, GError **errp)
         { "config", 0, 0, G_OPTION_ARG_FILENAME, &config,
           "configuration file [" DEFAULT_CONFIG ", when present]", "FILE" },
         { "pool-max", 0, 0, G_OPTION_ARG_STRING, &pool_max,
-          "largest pool size [16G]", "SIZE" },
+          "largest pool of one trust domain [16G]", "SIZE" },
         { "client-quota", 0, 0, G_OPTION_ARG_STRING, &client_quota,
           "most pool memory one client may reference [0 = no limit]", "SIZE" },
         { "allow-uid", 0, 0, G_OPTION_ARG_STRING_ARRAY, &allow_uids,
@@ -397,10 +430,16 @@ gboolean config_load(BrokerConfig *cfg, int *argc, char ***argv, GError **errp)
     cfg->socket_path = g_strdup(DEFAULT_SOCKET);
     cfg->control_path = g_strdup(DEFAULT_CONTROL);
     cfg->pool_max = (16ull << 30) / QD_PAGE_SIZE;
-    cfg->open_domains = TRUE;
+    cfg->open_domains = FALSE;
     cfg->candidate_lifetime = 60;
     cfg->restart_grace = 10;
     cfg->socket_mode = 0660;
+    cfg->max_domains = 1024;
+    cfg->uid_connections = 256;
+    cfg->uid_handshakes = 8;
+    cfg->handshake_timeout = 5;
+    cfg->auth_failures = 5;
+    cfg->client_candidates = 4 << 20;
     cfg->domains = g_hash_table_new(g_str_hash, g_str_equal);
 
     if (config) {
@@ -435,6 +474,14 @@ gboolean config_load(BrokerConfig *cfg, int *argc, char ***argv, GError **errp)
     if (cfg->pool_max > MAX_POOL_SLOTS) {
         g_set_error(errp, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
                     "--pool-max: at most 16T");
+        return FALSE;
+    }
+    /* Every domain's pool is mapped whole in the broker: keep them in 64 TiB. */
+    if (cfg->pool_max * QD_PAGE_SIZE > (MAX_POOLS_BYTES / cfg->max_domains)) {
+        g_set_error(errp, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "pool-max (%" G_GUINT64_FORMAT " MiB) times max-domains (%u) is over "
+                    "64 TiB of address space: lower one of them",
+                    cfg->pool_max * QD_PAGE_SIZE >> 20, cfg->max_domains);
         return FALSE;
     }
     if (!parse_ids("--allow-uid", FALSE, allow_uids, &cfg->allow_uids, errp) ||

@@ -24,16 +24,26 @@ typedef struct DomainPolicy {
     uint64_t quota;         /* slots; 0 = none */
 } DomainPolicy;
 
+/* With open-domains, a domain not configured needs a secret this long. */
+#define OPEN_DOMAIN_SECRET_MIN 16u
+
 typedef struct BrokerConfig {
     char *socket_path, *control_path, *state_path, *config_path;
-    uint64_t pool_max;          /* slots */
+    uint64_t pool_max;          /* slots, per domain */
     uint64_t client_quota;      /* slots; 0 = none */
     uint64_t domain_quota;      /* slots, for domains without their own; 0 = none */
     GArray *allow_uids, *allow_gids, *control_uids;
-    gboolean open_domains;      /* may clients name domains not configured? */
+    gboolean open_domains;      /* may clients name domains not configured (with a secret)? */
     guint candidate_lifetime;   /* seconds */
     guint restart_grace;        /* seconds */
     guint socket_mode;
+    guint max_domains;          /* pools at once */
+    guint uid_connections;      /* connections per uid */
+    guint uid_handshakes;       /* connections per uid before HELLO */
+    guint handshake_timeout;    /* seconds to say HELLO */
+    guint auth_failures;        /* failed authentications per uid per minute */
+    uint64_t client_candidates; /* candidates one client may place per generation */
+    uint64_t hash_seed;         /* 0: random key (tests fix it) */
     gboolean verbose;
     GHashTable *domains;        /* name -> DomainPolicy */
 } BrokerConfig;

@@ -7,6 +7,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <glib-unix.h>
 #include <json-glib/json-glib.h>
 #include <string.h>
@@ -30,14 +31,14 @@ static const char *domain_label(const Domain *d)
     return *d->name ? d->name : "";
 }
 
-/* References held to the slots of each domain (index by domain id). */
-static uint64_t *refs_by_domain(Broker *b)
+/* Slots of d and the references to them: the saving is refs - slots pages. */
+static uint64_t domain_refs(const Domain *d)
 {
-    uint64_t *refs = g_new0(uint64_t, b->domain_ids->len + 1);
+    uint64_t refs = 0;
 
-    for (uint64_t s = 0; b->have_pool && s < b->pool.high_water && s < b->slots.len; s++) {
-        if (pool_slot_used(&b->pool, s)) {
-            refs[b->slots.info[s].domain] += b->slots.info[s].refs;
+    for (uint64_t s = 0; s < d->pool.high_water && s < d->slots.len; s++) {
+        if (pool_slot_used(&d->pool, s)) {
+            refs += d->slots.info[s].refs;
         }
     }
     return refs;
@@ -46,9 +47,9 @@ static uint64_t *refs_by_domain(Broker *b)
 static void build_stats(Control *ctl, JsonBuilder *jb)
 {
     Broker *b = ctl->broker;
-    uint64_t used = b->have_pool ? b->pool.nused : 0, refs = 0, orphans = 0, cands = 0;
+    uint64_t used = 0, held = 0, refs = 0, orphans = 0, cands = 0, resident = 0, probes = 0;
+    uint64_t recovering = 0;
     MetadataBytes mb = broker_metadata_bytes(b);
-    uint64_t meta = mb.total, ndomains = 0;
     GHashTableIter it;
     gpointer v;
 
@@ -56,37 +57,43 @@ static void build_stats(Control *ctl, JsonBuilder *jb)
     while (g_hash_table_iter_next(&it, NULL, &v)) {
         BrokerClient *c = v;
 
-        refs += c->refs.total;
         orphans += c->sock < 0;
     }
-    for (guint i = 0; i < b->domain_ids->len; i++) {
-        Domain *d = g_ptr_array_index(b->domain_ids, i);
+    g_hash_table_iter_init(&it, b->domain_ids);
+    while (g_hash_table_iter_next(&it, NULL, &v)) {
+        Domain *d = v;
 
-        if (d) {
-            ndomains++;
-            cands += candidates_count(&d->cand);
-        }
+        used += d->pool.nused;
+        held += d->pool.nheld;
+        refs += domain_refs(d);
+        cands += candidates_count(&d->cand);
+        resident += pool_resident_bytes(&d->pool);
+        probes += d->cand.probes + d->index.probes;
+        recovering += d->recovering;
     }
     json_builder_begin_object(jb);
     json_builder_set_member_name(jb, "version");
     json_builder_add_string_value(jb, QDEDUP_VERSION);
     json_builder_set_member_name(jb, "recovering");
-    json_builder_add_boolean_value(jb, b->recovering);
+    json_builder_add_boolean_value(jb, recovering || b->pending->len);
+    add_int(jb, "pools-pending", b->pending->len);
+    add_int(jb, "domains-recovering", recovering);
+    add_int(jb, "slots-held", held);
     add_int(jb, "pool-max-bytes", b->cfg->pool_max * QD_PAGE_SIZE);
     add_int(jb, "pool-bytes", used * QD_PAGE_SIZE);
-    add_int(jb, "pool-resident-bytes", b->have_pool ? pool_resident_bytes(&b->pool) : 0);
+    add_int(jb, "pool-resident-bytes", resident);
     add_int(jb, "slots-max", b->cfg->pool_max);
     add_int(jb, "slots-used", used);
-    add_int(jb, "slots-free", b->cfg->pool_max - used);
     add_int(jb, "clients", g_hash_table_size(b->clients) - orphans);
     add_int(jb, "orphans", orphans);
-    add_int(jb, "domains", ndomains);
+    add_int(jb, "domains", g_hash_table_size(b->domain_ids));
     add_int(jb, "pages-shared", refs);
     add_int(jb, "saved-bytes", (refs > used ? refs - used : 0) * QD_PAGE_SIZE);
     add_int(jb, "candidates", cands);
     add_int(jb, "lookups", b->stats.lookups);
     json_builder_set_member_name(jb, "lookups-per-second");
     json_builder_add_double_value(jb, ctl->lookup_rate);
+    add_int(jb, "table-probes", probes);
     add_int(jb, "hits", b->stats.hits);
     add_int(jb, "misses", b->stats.misses);
     add_int(jb, "publish-requests", b->stats.asked);
@@ -96,12 +103,15 @@ static void build_stats(Control *ctl, JsonBuilder *jb)
     add_int(jb, "frees", b->stats.frees);
     add_int(jb, "unrefs", b->stats.unrefs);
     add_int(jb, "restored", b->stats.restored);
+    add_int(jb, "restores-refused", b->stats.restores_refused);
+    add_int(jb, "candidates-refused", b->stats.candidates_refused);
     add_int(jb, "clients-total", b->stats.clients_total);
     add_int(jb, "clients-refused", b->stats.clients_refused);
+    add_int(jb, "auth-failures", b->stats.auth_failures);
     add_int(jb, "protocol-errors", b->stats.protocol_errors);
-    add_int(jb, "metadata-bytes", meta);
+    add_int(jb, "metadata-bytes", mb.total);
     json_builder_set_member_name(jb, "metadata-bytes-per-slot");
-    json_builder_add_double_value(jb, used ? (double)meta / used : 0);
+    json_builder_add_double_value(jb, used ? (double)mb.total / used : 0);
     json_builder_set_member_name(jb, "metadata");
     json_builder_begin_object(jb);
     add_int(jb, "slot-table", mb.slot_table);
@@ -115,25 +125,28 @@ static void build_stats(Control *ctl, JsonBuilder *jb)
 }
 
 typedef struct ClientSaving {
-    const Broker *b;
+    const Domain *d;
     double pages;
 } ClientSaving;
 
-/* A slot mapped n times saves n - 1 pages; each mapping gets its share. */
-static void add_saving(uint64_t slot, uint32_t count, void *opaque)
+/* A slot held by n clients saves n - 1 pages; each client gets its share. */
+static void add_saving(uint64_t slot, void *opaque)
 {
     ClientSaving *cs = opaque;
-    uint32_t refs = cs->b->slots.info[slot].refs;
+    uint32_t refs = cs->d->slots.info[slot].refs;
 
     if (refs) {
-        cs->pages += count - (double)count / refs;
+        cs->pages += 1 - 1.0 / refs;
     }
 }
 
-static uint64_t client_saved_bytes(const Broker *b, const BrokerClient *c)
+static uint64_t client_saved_bytes(const BrokerClient *c)
 {
-    ClientSaving cs = { b, 0 };
+    ClientSaving cs = { c->domain, 0 };
 
+    if (!c->domain) {
+        return 0;
+    }
     refs_foreach(&c->refs, add_saving, &cs);
     return (uint64_t)(cs.pages * QD_PAGE_SIZE + 0.5);
 }
@@ -165,12 +178,12 @@ static void build_clients(Control *ctl, JsonBuilder *jb)
         json_builder_add_string_value(jb, uuid);
         json_builder_set_member_name(jb, "domain");
         json_builder_add_string_value(jb, c->domain ? domain_label(c->domain) : "");
+        add_int(jb, "domain-id", c->domain ? c->domain->id : 0);
         json_builder_set_member_name(jb, "state");
         json_builder_add_string_value(jb, c->sock < 0 ? "orphan" :
                                       c->domain ? "connected" : "handshake");
-        add_int(jb, "slots", c->refs.distinct);
-        add_int(jb, "pages-mapped", c->refs.total);
-        add_int(jb, "saved-bytes", client_saved_bytes(b, c));
+        add_int(jb, "slots", c->refs.held);
+        add_int(jb, "saved-bytes", client_saved_bytes(c));
         add_int(jb, "lookups", c->lookups);
         add_int(jb, "hits", c->hits);
         add_int(jb, "misses", c->misses);
@@ -188,32 +201,40 @@ static void build_clients(Control *ctl, JsonBuilder *jb)
 static void build_domains(Control *ctl, JsonBuilder *jb)
 {
     Broker *b = ctl->broker;
-    g_autofree uint64_t *refs = refs_by_domain(b);
+    GHashTableIter it;
+    gpointer v;
 
     json_builder_begin_array(jb);
-    for (guint i = 0; i < b->domain_ids->len; i++) {
-        Domain *d = g_ptr_array_index(b->domain_ids, i);
+    g_hash_table_iter_init(&it, b->domain_ids);
+    while (g_hash_table_iter_next(&it, NULL, &v)) {
+        Domain *d = v;
+        uint64_t refs = domain_refs(d);
 
-        if (!d) {
-            continue;
-        }
         json_builder_begin_object(jb);
+        add_int(jb, "id", d->id);
         json_builder_set_member_name(jb, "name");
         json_builder_add_string_value(jb, domain_label(d));
         json_builder_set_member_name(jb, "private");
         json_builder_add_boolean_value(jb, !*d->name);
         json_builder_set_member_name(jb, "configured");
         json_builder_add_boolean_value(jb, d->policy != NULL);
+        json_builder_set_member_name(jb, "recovering");
+        json_builder_add_boolean_value(jb, d->recovering);
+        add_int(jb, "pool-inode", d->pool.ino);
         add_int(jb, "clients", d->nclients);
-        add_int(jb, "slots", d->slots);
-        add_int(jb, "pages-shared", refs[d->id]);
+        add_int(jb, "slots", d->pool.nused);
+        add_int(jb, "slots-held", d->pool.nheld);
+        add_int(jb, "pool-resident-bytes", pool_resident_bytes(&d->pool));
+        add_int(jb, "pages-shared", refs);
         add_int(jb, "saved-bytes",
-                (refs[d->id] > d->slots ? refs[d->id] - d->slots : 0) * QD_PAGE_SIZE);
+                (refs > d->pool.nused ? refs - d->pool.nused : 0) * QD_PAGE_SIZE);
         add_int(jb, "quota-bytes", d->quota * QD_PAGE_SIZE);
         add_int(jb, "candidates", candidates_count(&d->cand));
         add_int(jb, "lookups", d->lookups);
         add_int(jb, "hits", d->hits);
         add_int(jb, "stored", d->stored);
+        add_int(jb, "restored", d->restored);
+        add_int(jb, "restores-refused", d->refused_restores);
         json_builder_end_object(jb);
     }
     json_builder_end_array(jb);
@@ -257,6 +278,21 @@ char *control_reply(Control *ctl, const char *request)
     return json_generator_to_data(gen, NULL);
 }
 
+/* One descriptor kept spare, so the control socket answers at the limit. */
+static int reserve_fd = -1;
+
+static int accept_with_reserve(int lsock)
+{
+    int sock = accept4(lsock, NULL, NULL, SOCK_CLOEXEC);
+
+    if (sock < 0 && (errno == EMFILE || errno == ENFILE) && reserve_fd >= 0) {
+        close(reserve_fd);
+        reserve_fd = -1;
+        sock = accept4(lsock, NULL, NULL, SOCK_CLOEXEC);
+    }
+    return sock;
+}
+
 static gboolean on_accept(int lsock, GIOCondition cond, gpointer opaque)
 {
     Control *ctl = opaque;
@@ -266,7 +302,7 @@ static gboolean on_accept(int lsock, GIOCondition cond, gpointer opaque)
     char req[REQUEST_MAX + 1];
     size_t got = 0;
     g_autofree char *reply = NULL;
-    int sock = accept4(lsock, NULL, NULL, SOCK_CLOEXEC);
+    int sock = accept_with_reserve(lsock);
 
     if (sock < 0) {
         return G_SOURCE_CONTINUE;
@@ -291,6 +327,9 @@ static gboolean on_accept(int lsock, GIOCondition cond, gpointer opaque)
     send(sock, reply, strlen(reply), MSG_NOSIGNAL);
     send(sock, "\n", 1, MSG_NOSIGNAL);
     close(sock);
+    if (reserve_fd < 0) {
+        reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    }
     return G_SOURCE_CONTINUE;
 }
 
@@ -317,6 +356,9 @@ gboolean control_start(Control *ctl, Broker *b, GError **errp)
         return FALSE;
     }
     ctl->watch = g_unix_fd_add(ctl->sock, G_IO_IN, on_accept, ctl);
+    if (reserve_fd < 0) {
+        reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    }
     return TRUE;
 }
 

@@ -10,16 +10,23 @@
 
 #define MIN_CAPACITY 64
 
-static uint64_t home(const HashIndex *ix, QdHash h)
+static uint64_t home_of(const HashIndex *ix, uint64_t kh)
 {
-    return h.lo & ix->mask;
+    return kh & ix->mask;
 }
 
-void index_init(HashIndex *ix)
+static uint64_t home_of_slot(const HashIndex *ix, const SlotTable *st, uint32_t cell)
+{
+    return home_of(ix, keyed_hash(ix->key, st->info[cell - 1].hash));
+}
+
+void index_init(HashIndex *ix, const KeyedHash *key)
 {
     ix->cells = g_new0(uint32_t, MIN_CAPACITY);
     ix->mask = MIN_CAPACITY - 1;
     ix->count = 0;
+    ix->key = key;
+    ix->probes = 0;
 }
 
 void index_destroy(HashIndex *ix)
@@ -28,11 +35,12 @@ void index_destroy(HashIndex *ix)
     ix->cells = NULL;
 }
 
-uint64_t index_find(const HashIndex *ix, const SlotTable *st, QdHash h)
+uint64_t index_find(HashIndex *ix, const SlotTable *st, QdHash h, uint64_t kh)
 {
-    for (uint64_t i = home(ix, h);; i = (i + 1) & ix->mask) {
+    for (uint64_t i = home_of(ix, kh);; i = (i + 1) & ix->mask) {
         uint32_t c = ix->cells[i];
 
+        ix->probes++;
         if (c == 0) {
             return INDEX_NONE;
         }
@@ -44,7 +52,7 @@ uint64_t index_find(const HashIndex *ix, const SlotTable *st, QdHash h)
 
 static void place(HashIndex *ix, const SlotTable *st, uint32_t cell)
 {
-    uint64_t i = home(ix, st->info[cell - 1].hash);
+    uint64_t i = home_of_slot(ix, st, cell);
 
     while (ix->cells[i]) {
         i = (i + 1) & ix->mask;
@@ -69,7 +77,6 @@ static void resize(HashIndex *ix, const SlotTable *st, uint64_t capacity)
 
 void index_insert(HashIndex *ix, const SlotTable *st, uint64_t slot)
 {
-    g_assert(slot < UINT32_MAX);
     if ((ix->count + 1) * 4 > (ix->mask + 1) * 3) {
         resize(ix, st, (ix->mask + 1) * 2);
     }
@@ -79,17 +86,19 @@ void index_insert(HashIndex *ix, const SlotTable *st, uint64_t slot)
 
 void index_remove(HashIndex *ix, const SlotTable *st, uint64_t slot)
 {
-    uint64_t i = home(ix, st->info[slot].hash);
+    uint64_t i = home_of_slot(ix, st, slot + 1);
 
     while (ix->cells[i] != slot + 1) {
-        g_assert(ix->cells[i] != 0);
+        if (ix->cells[i] == 0) {
+            return;     /* not indexed: nothing to remove */
+        }
         i = (i + 1) & ix->mask;
     }
     ix->cells[i] = 0;
     ix->count--;
     /* Backward shift: move up entries that probed past the freed cell. */
     for (uint64_t j = (i + 1) & ix->mask; ix->cells[j]; j = (j + 1) & ix->mask) {
-        uint64_t h = home(ix, st->info[ix->cells[j] - 1].hash);
+        uint64_t h = home_of_slot(ix, st, ix->cells[j]);
 
         /* Entry at j may move to i if its home is not in (i, j]. */
         if (((j - h) & ix->mask) >= ((j - i) & ix->mask)) {

@@ -34,6 +34,7 @@ static gboolean on_second(gpointer opaque)
     gint64 now = g_get_monotonic_time();
 
     broker_tick(&d->broker, now);
+    server_tick(&d->server, now);
     control_sample(&d->control, now);
     return G_SOURCE_CONTINUE;
 }
@@ -61,9 +62,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "qemu-dedup-broker: %s\n", err->message);
         return 1;
     }
-    g_message("qemu-dedup-broker %s: clients on %s, control on %s, pool up to %"
-              G_GUINT64_FORMAT " MiB, XXH3 %s", QDEDUP_VERSION, cfg.socket_path,
-              cfg.control_path, cfg.pool_max * QD_PAGE_SIZE >> 20, qd_hash_variant());
+    g_message("qemu-dedup-broker %s: clients on %s, control on %s, a pool per trust "
+              "domain up to %" G_GUINT64_FORMAT " MiB, up to %u clients, XXH3 %s",
+              QDEDUP_VERSION, cfg.socket_path, cfg.control_path,
+              cfg.pool_max * QD_PAGE_SIZE >> 20, d.server.max_clients, qd_hash_variant());
 
     d.loop = g_main_loop_new(NULL, FALSE);
     g_unix_signal_add(SIGTERM, on_signal, &d);
@@ -74,10 +76,9 @@ int main(int argc, char **argv)
 
     server_stop(&d.server);
     control_stop(&d.control);
-    /* Keep the pool's identity only if clients may hand it back. */
-    if (d.broker.have_pool && d.broker.pool.nused == 0) {
-        restart_clear_state(&d.broker);
-    }
+    /* The pools' identities stay in the state file: their clients hand them back. */
+    restart_write_state(&d.broker);
+    d.broker.stopping_state_frozen = TRUE;
     broker_destroy(&d.broker);
     config_free(&cfg);
     g_main_loop_unref(d.loop);

@@ -2,7 +2,7 @@
 /*
  * What the broker does for each request (see broker.h for the invariants).
  *
- * A page's way into the pool:
+ * A page's way into its domain's pool:
  *  1. LOOKUP of its hash.  Found in the domain's index: HIT, the client
  *     now holds a reference and compares the slot with its page itself
  *     (the broker never vouches for the client's hash).  Not found: the
@@ -11,17 +11,18 @@
  *  2. PUBLISH of the content: received straight into a new slot, hashed by
  *     the broker, indexed if the hash is the one claimed (STORED).
  * So a page enters the pool only once a second identical page exists.
+ *
+ * Every table a request touches is placed by the broker's keyed hash
+ * (keyed.h) and bounded per client: candidates by client-candidates,
+ * outstanding PUBLISH requests by MAX_WANTED, references by client-quota.
  */
-#include <poll.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "broker.h"
+#include "peer.h"
 
 #define MAX_WANTED 65536    /* outstanding PUBLISH requests per client */
-
-static void client_forget(BrokerClient *c);
 
 /* Internal result: a page repeating an earlier one of the same PUBLISH. */
 #define RESULT_DUPLICATE (QD_RESULT_MAX + 1)
@@ -44,97 +45,28 @@ gboolean broker_init(Broker *b, BrokerConfig *cfg, GError **errp)
 {
     memset(b, 0, sizeof(*b));
     b->cfg = cfg;
-    b->pool.fd = -1;
-    slot_table_init(&b->slots);
+    keyed_init(&b->key, cfg->hash_seed);
     b->domains = g_hash_table_new(g_str_hash, g_str_equal);
-    b->domain_ids = g_ptr_array_new();
+    b->domain_ids = g_hash_table_new(g_direct_hash, g_direct_equal);
+    b->next_domain_id = 1;
+    b->pending = g_ptr_array_new();
     b->clients = g_hash_table_new(g_direct_hash, g_direct_equal);
-    b->next_client_id = 1;
-    if (restart_read_state(b)) {
-        /* A previous broker's pool may come back with its clients. */
-        b->recovering = TRUE;
-        b->recover_deadline = g_get_monotonic_time() + cfg->restart_grace * G_USEC_PER_SEC;
-        g_message("a previous pool exists; waiting up to %u s for its clients "
-                  "to hand it back", cfg->restart_grace);
-        return TRUE;
+    b->scan_owner = b;
+    restart_read_state(b);
+    if (b->pending->len) {
+        g_message("%u pools of the previous broker may come back; waiting up to %u s "
+                  "for their clients to hand them back", b->pending->len,
+                  cfg->restart_grace);
     }
-    if (!pool_create(&b->pool, cfg->pool_max, errp)) {
-        return FALSE;
-    }
-    b->have_pool = TRUE;
-    restart_write_state(b);
     return TRUE;
 }
 
-void broker_destroy(Broker *b)
+static void pending_free(gpointer p)
 {
-    GHashTableIter it;
-    gpointer v;
+    PendingPool *pp = p;
 
-    /* Clients keep mapping their slots across a broker restart: free only
-     * our bookkeeping, never a slot. */
-    g_hash_table_iter_init(&it, b->clients);
-    while (g_hash_table_iter_next(&it, NULL, &v)) {
-        client_forget(v);
-        g_hash_table_iter_steal(&it);
-    }
-    g_hash_table_destroy(b->clients);
-    g_hash_table_destroy(b->domains);
-    g_ptr_array_free(b->domain_ids, TRUE);
-    slot_table_destroy(&b->slots);
-    if (b->have_pool) {
-        pool_destroy(&b->pool);
-    }
-}
-
-gboolean broker_peer_allowed(Broker *b, uid_t uid, gid_t gid, const GArray *groups)
-{
-    return uid == 0 || uid == geteuid() ||
-           config_ids_admit(b->cfg->allow_uids, b->cfg->allow_gids, uid, gid, groups);
-}
-
-BrokerClient *broker_client_new(Broker *b, int sock, pid_t pid, uid_t uid, gid_t gid)
-{
-    BrokerClient *c = g_new0(BrokerClient, 1);
-
-    c->id = b->next_client_id++;
-    c->sock = sock;
-    c->pidfd = -1;
-    c->pid = pid;
-    c->uid = uid;
-    c->gid = gid;
-    c->connected_at = g_get_monotonic_time();
-    c->wanted = g_hash_table_new(g_direct_hash, g_direct_equal);
-    g_hash_table_insert(b->clients, GUINT_TO_POINTER(c->id), c);
-    b->stats.clients_total++;
-    return c;
-}
-
-/* Drop one reference to slot; free the slot at zero (I2). */
-static void slot_release(Broker *b, uint64_t slot, uint32_t count)
-{
-    SlotInfo *si = &b->slots.info[slot];
-    Domain *d;
-
-    g_assert(si->refs >= count);
-    si->refs -= count;
-    if (si->refs) {
-        return;
-    }
-    d = g_ptr_array_index(b->domain_ids, si->domain);
-    if (si->flags & SLOT_INDEXED) {
-        index_remove(&d->index, &b->slots, slot);
-        d->slots--;
-    }
-    pool_free(&b->pool, slot);
-    memset(si, 0, sizeof(*si));
-    b->stats.frees++;
-    domain_leave(b, d);
-}
-
-static void release_one(uint64_t slot, uint32_t count, void *opaque)
-{
-    slot_release(opaque, slot, count);
+    g_free(pp->name);
+    g_free(pp);
 }
 
 /* Free the client's bookkeeping without touching its slots. */
@@ -153,31 +85,107 @@ static void client_forget(BrokerClient *c)
     g_free(c);
 }
 
+void broker_destroy(Broker *b)
+{
+    GHashTableIter it;
+    gpointer v;
+
+    /* Clients keep mapping their slots across a broker restart: free only
+     * our bookkeeping, never a slot (the state file names the pools). */
+    g_hash_table_iter_init(&it, b->clients);
+    while (g_hash_table_iter_next(&it, NULL, &v)) {
+        client_forget(v);
+        g_hash_table_iter_steal(&it);
+    }
+    g_hash_table_destroy(b->clients);
+    g_hash_table_iter_init(&it, b->domain_ids);
+    while (g_hash_table_iter_next(&it, NULL, &v)) {
+        Domain *d = v;
+
+        pool_destroy(&d->pool);
+        index_destroy(&d->index);
+        candidates_destroy(&d->cand);
+        slot_table_destroy(&d->slots);
+        if (d->open_secret) {
+            g_bytes_unref(d->open_secret);
+        }
+        g_free(d->name);
+        g_free(d);
+    }
+    g_hash_table_destroy(b->domain_ids);
+    g_hash_table_destroy(b->domains);
+    for (guint i = 0; i < b->pending->len; i++) {
+        pending_free(g_ptr_array_index(b->pending, i));
+    }
+    g_ptr_array_free(b->pending, TRUE);
+    b->scan_owner = NULL;
+}
+
+gboolean broker_peer_allowed(Broker *b, uid_t uid, gid_t gid, const GArray *groups)
+{
+    return uid == 0 || uid == geteuid() ||
+           config_ids_admit(b->cfg->allow_uids, b->cfg->allow_gids, uid, gid, groups);
+}
+
+BrokerClient *broker_client_new(Broker *b, int sock, pid_t pid, uid_t uid, gid_t gid)
+{
+    BrokerClient *c = g_new0(BrokerClient, 1);
+
+    /* Random ids: a sequence would tell a client how many others came. */
+    do {
+        c->id = g_random_int();
+    } while (c->id == 0 || g_hash_table_contains(b->clients, GUINT_TO_POINTER(c->id)));
+    c->sock = sock;
+    c->pidfd = -1;
+    c->pid = pid;
+    c->uid = uid;
+    c->gid = gid;
+    c->connected_at = g_get_monotonic_time();
+    c->wanted = g_hash_table_new(g_direct_hash, g_direct_equal);
+    c->cand_budget.max = b->cfg->client_candidates;
+    g_hash_table_insert(b->clients, GUINT_TO_POINTER(c->id), c);
+    b->stats.clients_total++;
+    return c;
+}
+
+typedef struct Release {
+    Broker *b;
+    Domain *d;
+} Release;
+
+static void release_one(uint64_t slot, void *opaque)
+{
+    Release *r = opaque;
+
+    domain_slot_release(r->b, r->d, slot);
+}
+
 void broker_client_free(Broker *b, BrokerClient *c)
 {
-    if (c->refs.chunks) {
-        refs_foreach(&c->refs, release_one, b);
-    }
-    if (c->domain) {
-        c->domain->nclients--;
-        domain_leave(b, c->domain);
+    Domain *d = c->domain;
+
+    if (d) {
+        Release r = { b, d };
+
+        refs_foreach(&c->refs, release_one, &r);
+        d->nclients--;
     }
     g_hash_table_remove(b->clients, GUINT_TO_POINTER(c->id));
     client_forget(c);
+    if (d) {
+        domain_maybe_free(b, d);
+    }
 }
 
-/* Is the client's process still running? */
-static gboolean process_alive(BrokerClient *c)
+gboolean broker_process_alive(BrokerClient *c)
 {
-    struct pollfd pfd = { .fd = c->pidfd, .events = POLLIN };
-
-    /* A pidfd becomes readable when the process exits. */
-    return c->pidfd >= 0 && poll(&pfd, 1, 0) == 0;
+    /* Without a pidfd we cannot tell: never free what a live process may map. */
+    return c->pidfd < 0 || peer_pidfd_alive(c->pidfd);
 }
 
 gboolean broker_client_orphan(Broker *b, BrokerClient *c)
 {
-    if (!c->domain || c->refs.total == 0 || !process_alive(c)) {
+    if (!c->domain || c->refs.held == 0 || !broker_process_alive(c)) {
         return FALSE;
     }
     c->sock = -1;
@@ -195,7 +203,8 @@ static BrokerClient *find_orphan(Broker *b, pid_t pid, Domain *d)
     while (g_hash_table_iter_next(&it, NULL, &v)) {
         BrokerClient *o = v;
 
-        if (o->sock < 0 && o->pid == pid && o->domain == d && process_alive(o)) {
+        if (o->sock < 0 && o->pid == pid && o->domain == d && o->pidfd >= 0 &&
+            peer_pidfd_alive(o->pidfd)) {
             return o;
         }
     }
@@ -215,77 +224,137 @@ static gboolean secret_ok(GBytes *want, const uint8_t *got, uint32_t len)
     return diff == 0;
 }
 
-static gboolean domain_allowed(Broker *b, BrokerClient *c, const QdHello *h,
-                               const GArray *groups, char **msg)
+/*
+ * May this client join the domain it names?  The host declares domains
+ * ([domain NAME] in the configuration); with open-domains, a domain not
+ * configured exists only with a secret, set by its first client.
+ */
+static int domain_allowed(Broker *b, BrokerClient *c, const QdHello *h,
+                          const GArray *groups, char **msg, gboolean *auth_failed)
 {
     const DomainPolicy *p;
+    Domain *d;
 
     if (!*h->domain) {
-        return TRUE;
+        return 0;
     }
     p = g_hash_table_lookup(b->cfg->domains, h->domain);
     if (!p) {
         if (!b->cfg->open_domains) {
-            *msg = g_strdup_printf("domain '%s' is not configured on this broker",
-                                   h->domain);
-            return FALSE;
+            *msg = g_strdup_printf("domain '%s' is not configured on this broker "
+                                   "(add [domain %s] to its configuration)",
+                                   h->domain, h->domain);
+            *auth_failed = TRUE;
+            return QD_ERR_DENIED;
         }
-        return TRUE;
+        if (h->secret_len < OPEN_DOMAIN_SECRET_MIN) {
+            *msg = g_strdup_printf("domain '%s' is not configured on this broker: with "
+                                   "open-domains it needs a secret of at least %u bytes",
+                                   h->domain, OPEN_DOMAIN_SECRET_MIN);
+            *auth_failed = TRUE;
+            return QD_ERR_DENIED;
+        }
+        d = g_hash_table_lookup(b->domains, h->domain);
+        if (d && d->open_secret && !secret_ok(d->open_secret, h->secret, h->secret_len)) {
+            *msg = g_strdup_printf("wrong secret for domain '%s'", h->domain);
+            *auth_failed = TRUE;
+            return QD_ERR_DENIED;
+        }
+        return 0;
     }
     if ((p->uids || p->gids) &&
         !config_ids_admit(p->uids, p->gids, c->uid, c->gid, groups)) {
         *msg = g_strdup_printf("uid %u may not join domain '%s'",
                                (unsigned)c->uid, h->domain);
-        return FALSE;
+        *auth_failed = TRUE;
+        return QD_ERR_DENIED;
     }
     if (p->secret && !secret_ok(p->secret, h->secret, h->secret_len)) {
         *msg = g_strdup_printf("wrong or missing secret for domain '%s'", h->domain);
-        return FALSE;
+        *auth_failed = TRUE;
+        return QD_ERR_DENIED;
     }
-    return TRUE;
-}
-
-/* A reconnecting client hands the pool back: adopt it or check it. */
-static int take_back_pool(Broker *b, int fd, char **msg)
-{
-    struct stat st;
-    g_autoptr(GError) err = NULL;
-
-    if (fd < 0 || fstat(fd, &st) < 0) {
-        *msg = g_strdup("HELLO with the reconnect flag must carry the pool descriptor");
-        return QD_ERR_PROTOCOL;
-    }
-    if (b->have_pool) {
-        if (st.st_dev == b->pool.dev && st.st_ino == b->pool.ino) {
-            return 0;
-        }
-        *msg = g_strdup("this broker has another pool: the handed-back one is gone");
-        return QD_ERR_POOL_CHANGED;
-    }
-    if (st.st_dev != b->state_dev || st.st_ino != b->state_ino) {
-        *msg = g_strdup("the handed-back pool is not the one this host's broker had");
-        return QD_ERR_POOL_CHANGED;
-    }
-    if (!pool_adopt(&b->pool, fd, b->cfg->pool_max, &err)) {
-        *msg = g_strdup(err->message);
-        return QD_ERR_POOL_CHANGED;
-    }
-    b->have_pool = TRUE;
-    b->recovering = FALSE;
-    b->sweep_at = g_get_monotonic_time() + b->cfg->restart_grace * G_USEC_PER_SEC;
-    g_message("adopted the previous pool (inode %lu); slots not restored within "
-              "%u s will be freed", (unsigned long)st.st_ino, b->cfg->restart_grace);
     return 0;
 }
 
-int broker_hello(Broker *b, BrokerClient *c, const QdHello *h, int handed_fd,
-                 const GArray *groups, QdHelloReply *reply, int *ro_fd, char **msg)
+static PendingPool *pending_find(Broker *b, uint64_t dev, uint64_t ino, const char *name)
 {
-    g_autoptr(GError) err = NULL;
+    for (guint i = 0; i < b->pending->len; i++) {
+        PendingPool *pp = g_ptr_array_index(b->pending, i);
+
+        if (name ? (*name && !strcmp(pp->name, name)) : (pp->dev == dev && pp->ino == ino)) {
+            return pp;
+        }
+    }
+    return NULL;
+}
+
+/*
+ * HELLO with RECONNECT: the client names, by descriptor number, the pool
+ * it kept.  It may join that pool's domain only if it holds that very pool
+ * (a descriptor is a capability), and only the domain it names.
+ */
+static int take_back_pool(Broker *b, BrokerClient *c, const QdHello *h, Domain **dp,
+                          QdHelloReply *reply, char **msg)
+{
+    Domain *d = domain_by_pool(b, h->pool_dev, h->pool_ino);
+    PendingPool *pp;
+    int fd;
+
+    if (d) {
+        if (strcmp(d->name, h->domain)) {
+            *msg = g_strdup_printf("the handed-back pool is not the pool of domain '%s'",
+                                   h->domain);
+            return QD_ERR_DENIED;
+        }
+        if (!peer_holds_file(c->pidfd, c->pid, h->pool_fd, d->pool.ro_fd)) {
+            *msg = g_strdup_printf("descriptor %u of pid %d is not the pool it names",
+                                   h->pool_fd, (int)c->pid);
+            return QD_ERR_DENIED;
+        }
+        *dp = d;
+        return 0;
+    }
+    pp = pending_find(b, h->pool_dev, h->pool_ino, NULL);
+    if (!pp) {
+        *msg = g_strdup("this broker does not have the handed-back pool any more");
+        return QD_ERR_POOL_CHANGED;
+    }
+    if (strcmp(pp->name, h->domain)) {
+        *msg = g_strdup_printf("the handed-back pool is not the pool of domain '%s'",
+                               h->domain);
+        return QD_ERR_DENIED;
+    }
+    fd = peer_take_pool(c->pidfd, c->pid, h->pool_fd, pp->dev, pp->ino, c->uid, msg);
+    if (fd < 0) {
+        return QD_ERR_DENIED;
+    }
+    d = domain_adopt(b, pp->name, fd, msg);
+    if (!d) {
+        close(fd);      /* our own copy of a memfd: closing it cannot block */
+        return QD_ERR_INTERNAL;
+    }
+    g_ptr_array_remove_fast(b->pending, pp);
+    pending_free(pp);
+    restart_write_state(b);
+    g_message("adopted the previous pool of %s (inode %" G_GUINT64_FORMAT ") from pid %d; "
+              "%" G_GUINT64_FORMAT " slots held until restored or unmapped",
+              *d->name ? d->name : "a private domain", (uint64_t)d->pool.ino, (int)c->pid,
+              d->pool.nheld);
+    reply->flags |= QD_REPLY_ADOPTED;
+    *dp = d;
+    return 0;
+}
+
+int broker_hello(Broker *b, BrokerClient *c, const QdHello *h, const GArray *groups,
+                 QdHelloReply *reply, int *ro_fd, char **msg, gboolean *auth_failed)
+{
     gboolean reconnect = h->flags & QD_HELLO_RECONNECT;
+    Domain *d = NULL;
     int ret;
 
     *ro_fd = -1;
+    *auth_failed = FALSE;
     if (c->domain) {
         *msg = g_strdup("HELLO sent twice");
         return QD_ERR_STATE;
@@ -295,46 +364,53 @@ int broker_hello(Broker *b, BrokerClient *c, const QdHello *h, int handed_fd,
                                h->version, QD_PROTO_VERSION);
         return QD_ERR_VERSION;
     }
-    if (!domain_allowed(b, c, h, groups, msg)) {
-        return QD_ERR_DENIED;
+    ret = domain_allowed(b, c, h, groups, msg, auth_failed);
+    if (ret) {
+        return ret;
     }
     if (reconnect) {
-        gboolean had_pool = b->have_pool;
-
-        ret = take_back_pool(b, handed_fd, msg);
+        ret = take_back_pool(b, c, h, &d, reply, msg);
         if (ret) {
             return ret;
         }
-        if (!had_pool) {
-            reply->flags |= QD_REPLY_ADOPTED;
-        }
-    } else if (!b->have_pool) {
-        gint64 left = (b->recover_deadline - g_get_monotonic_time()) / G_USEC_PER_SEC;
+    } else if (*h->domain) {
+        d = g_hash_table_lookup(b->domains, h->domain);
+        if (!d) {
+            PendingPool *pp = pending_find(b, 0, 0, h->domain);
 
-        *msg = g_strdup_printf("broker restarting: retry in %" G_GINT64_FORMAT " s",
-                               MAX(left, 1));
-        return QD_ERR_RETRY;
+            if (pp) {
+                gint64 left = (pp->deadline - g_get_monotonic_time()) / G_USEC_PER_SEC;
+
+                *msg = g_strdup_printf("broker restarting, domain '%s' not recovered yet: "
+                                       "retry in %" G_GINT64_FORMAT " s", h->domain,
+                                       MAX(left, 1));
+                return QD_ERR_RETRY;
+            }
+            d = domain_create(b, h->domain, msg);
+            if (!d) {
+                return QD_ERR_DENIED;
+            }
+        }
+    } else {
+        d = domain_create(b, "", msg);
+        if (!d) {
+            return QD_ERR_DENIED;
+        }
     }
-    *ro_fd = pool_open_readonly(&b->pool, &err);
-    if (*ro_fd < 0) {
-        *msg = g_strdup(err->message);
-        return QD_ERR_INTERNAL;
+    if (!d->policy && *d->name && !d->open_secret) {
+        /* open-domains: the first client sets the secret (domain_allowed checked it). */
+        d->open_secret = g_bytes_new(h->secret, h->secret_len);
     }
-    c->domain = domain_join(b, h->domain);
-    if (!c->domain) {
-        close(*ro_fd);
-        *ro_fd = -1;
-        *msg = g_strdup("too many domains");
-        return QD_ERR_INTERNAL;
-    }
+    c->domain = d;
+    d->nclients++;
     g_strlcpy(c->name, h->name, sizeof(c->name));
     memcpy(c->uuid, h->uuid, sizeof(c->uuid));
     if (h->pid && h->pid != (uint32_t)c->pid) {
         g_message("client %u says pid %u, kernel says %d", c->id, h->pid, (int)c->pid);
     }
-    refs_init(&c->refs, b->cfg->pool_max);
+    refs_init(&c->refs, d->pool.max_slots);
     if (reconnect) {
-        BrokerClient *o = find_orphan(b, c->pid, c->domain);
+        BrokerClient *o = find_orphan(b, c->pid, d);
 
         if (o) {
             /* Same process, same mappings: its references carry over. */
@@ -352,25 +428,27 @@ int broker_hello(Broker *b, BrokerClient *c, const QdHello *h, int handed_fd,
     reply->page_size = QD_PAGE_SIZE;
     reply->max_lookup = QD_MAX_LOOKUP;
     reply->max_publish = QD_MAX_PUBLISH;
-    reply->pool_slots = b->pool.max_slots;
+    reply->pool_slots = d->pool.max_slots;
     reply->client_quota = b->cfg->client_quota;
-    reply->domain_quota = c->domain->quota;
-    reply->pool_dev = b->pool.dev;
-    reply->pool_ino = b->pool.ino;
+    reply->domain_quota = d->quota;
+    reply->pool_dev = d->pool.dev;
+    reply->pool_ino = d->pool.ino;
+    *ro_fd = d->pool.ro_fd;
     return 0;
 }
 
-/* May the client take one more reference to slot? */
+/* May the client take a reference to slot (one it does not hold yet)? */
 static gboolean client_may_ref(Broker *b, BrokerClient *c, uint64_t slot)
 {
-    return !b->cfg->client_quota || refs_count(&c->refs, slot) ||
-           c->refs.distinct < b->cfg->client_quota;
+    return !b->cfg->client_quota || refs_held(&c->refs, slot) ||
+           c->refs.held < b->cfg->client_quota;
 }
 
-static void take_ref(Broker *b, BrokerClient *c, uint64_t slot)
+static void take_ref(Domain *d, BrokerClient *c, uint64_t slot)
 {
-    refs_add(&c->refs, slot);
-    b->slots.info[slot].refs++;
+    if (refs_add(&c->refs, slot)) {
+        d->slots.info[slot].refs++;
+    }
 }
 
 void broker_lookup(Broker *b, BrokerClient *c, const QdMessage *m, QdResult *out)
@@ -379,32 +457,41 @@ void broker_lookup(Broker *b, BrokerClient *c, const QdMessage *m, QdResult *out
 
     for (uint32_t i = 0; i < m->u.array.count; i++) {
         QdLookupEntry e;
-        uint64_t slot;
+        uint64_t slot, kh;
 
         qd_lookup_entry_at(m, i, &e);
+        kh = keyed_hash(&b->key, e.hash);
         out[i] = (QdResult) { .result = QD_RESULT_MISS };
-        slot = index_find(&d->index, &b->slots, e.hash);
+        slot = index_find(&d->index, &d->slots, e.hash, kh);
         if (slot != INDEX_NONE) {
             if (!client_may_ref(b, c, slot)) {
                 out[i].result = QD_RESULT_QUOTA;
                 continue;
             }
-            take_ref(b, c, slot);
+            take_ref(d, c, slot);
             out[i] = (QdResult) { .result = QD_RESULT_HIT, .slot = slot };
             c->hits++;
             d->hits++;
             b->stats.hits++;
-        } else if (candidates_check(&d->cand, e.hash, c->id, e.cookie) == CAND_MATCH) {
+            continue;
+        }
+        switch (candidates_check(&d->cand, kh, c->id, e.cookie, &c->cand_budget)) {
+        case CAND_MATCH:
             if (g_hash_table_size(c->wanted) >= MAX_WANTED) {
                 g_hash_table_remove_all(c->wanted);
             }
-            g_hash_table_add(c->wanted, GSIZE_TO_POINTER(e.hash.lo));
+            g_hash_table_add(c->wanted, GSIZE_TO_POINTER(kh));
             out[i].result = QD_RESULT_PUBLISH;
             c->asked++;
             b->stats.asked++;
-        } else {
+            break;
+        case CAND_OVER:
+            b->stats.candidates_refused++;
+            /* fall through */
+        default:
             c->misses++;
             b->stats.misses++;
+            break;
         }
     }
     c->lookups += m->u.array.count;
@@ -421,20 +508,21 @@ void broker_publish_plan(Broker *b, BrokerClient *c, const QdMessage *m,
 
     for (uint32_t i = 0; i < n; i++) {
         QdLookupEntry e;
-        uint64_t slot;
+        uint64_t slot, kh;
         gboolean wanted, duplicate;
 
         qd_lookup_entry_at(m, i, &e);
+        kh = keyed_hash(&b->key, e.hash);
         dest[i] = POOL_NO_SLOT;
         out[i] = (QdResult) { .result = QD_RESULT_UNWANTED };
         duplicate = same_as_earlier(m, i, out);
         /* Asked for once, answered once, whatever the outcome. */
-        wanted = g_hash_table_remove(c->wanted, GSIZE_TO_POINTER(e.hash.lo)) || duplicate;
-        slot = index_find(&d->index, &b->slots, e.hash);
+        wanted = g_hash_table_remove(c->wanted, GSIZE_TO_POINTER(kh)) || duplicate;
+        slot = index_find(&d->index, &d->slots, e.hash, kh);
         if (slot != INDEX_NONE) {
             /* Someone stored it meanwhile: same as a lookup hit. */
             if (client_may_ref(b, c, slot)) {
-                take_ref(b, c, slot);
+                take_ref(d, c, slot);
                 out[i] = (QdResult) { .result = QD_RESULT_HIT, .slot = slot };
             } else {
                 out[i].result = QD_RESULT_QUOTA;
@@ -444,9 +532,9 @@ void broker_publish_plan(Broker *b, BrokerClient *c, const QdMessage *m,
         } else if (duplicate) {
             /* The same content earlier in this batch: resolved at commit. */
             out[i].result = RESULT_DUPLICATE;
-        } else if ((d->quota && d->slots + need >= d->quota) ||
+        } else if ((d->quota && d->pool.nused + need >= d->quota) ||
                    (b->cfg->client_quota &&
-                    c->refs.distinct + need >= b->cfg->client_quota)) {
+                    c->refs.held + need >= b->cfg->client_quota)) {
             out[i].result = QD_RESULT_QUOTA;
         } else {
             out[i].result = QD_RESULT_STORED;   /* tentatively; commit checks */
@@ -455,13 +543,13 @@ void broker_publish_plan(Broker *b, BrokerClient *c, const QdMessage *m,
     }
     if (need) {
         /* One run for the whole batch keeps a merged run in one VMA. */
-        run = pool_alloc_run(&b->pool, need);
+        run = pool_alloc_run(&d->pool, need);
     }
     for (uint32_t i = 0, k = 0; i < n; i++) {
         if (out[i].result != QD_RESULT_STORED) {
             continue;
         }
-        dest[i] = run != POOL_NO_SLOT ? run + k++ : pool_alloc_run(&b->pool, 1);
+        dest[i] = run != POOL_NO_SLOT ? run + k++ : pool_alloc_run(&d->pool, 1);
         if (dest[i] == POOL_NO_SLOT) {
             out[i].result = QD_RESULT_FULL;
         }
@@ -477,16 +565,18 @@ void broker_publish_commit(Broker *b, BrokerClient *c, const QdMessage *m,
     for (uint32_t i = 0; i < m->u.array.count; i++) {
         QdLookupEntry e;
         SlotInfo *si;
+        uint64_t kh;
         QdHash h;
 
         qd_lookup_entry_at(m, i, &e);
+        kh = keyed_hash(&b->key, e.hash);
         if (out[i].result == RESULT_DUPLICATE) {
             /* Its twin earlier in the batch is committed by now. */
-            uint64_t slot = index_find(&d->index, &b->slots, e.hash);
+            uint64_t slot = index_find(&d->index, &d->slots, e.hash, kh);
 
             out[i] = (QdResult) { .result = QD_RESULT_MISMATCH };
-            if (slot != INDEX_NONE) {
-                take_ref(b, c, slot);
+            if (slot != INDEX_NONE && client_may_ref(b, c, slot)) {
+                take_ref(d, c, slot);
                 out[i] = (QdResult) { .result = QD_RESULT_HIT, .slot = slot };
             }
             continue;
@@ -495,20 +585,20 @@ void broker_publish_commit(Broker *b, BrokerClient *c, const QdMessage *m,
             continue;
         }
         /* I1: what enters the pool is what the broker hashed itself. */
-        h = qd_hash_page(pool_page(&b->pool, dest[i]));
+        h = qd_hash_page(pool_page(&d->pool, dest[i]));
         if (!qd_hash_equal(h, e.hash)) {
-            pool_free(&b->pool, dest[i]);
+            pool_free(&d->pool, dest[i]);
             out[i] = (QdResult) { .result = QD_RESULT_MISMATCH };
             c->mismatches++;
             b->stats.mismatches++;
             continue;
         }
-        si = slot_table_get(&b->slots, dest[i]);
-        *si = (SlotInfo) { .hash = h, .domain = d->id, .flags = SLOT_INDEXED };
-        index_insert(&d->index, &b->slots, dest[i]);
-        d->slots++;
-        candidates_forget(&d->cand, h);
-        take_ref(b, c, dest[i]);
+        si = slot_table_get(&d->slots, dest[i]);
+        *si = (SlotInfo) { .hash = h, .flags = SLOT_INDEXED };
+        index_insert(&d->index, &d->slots, dest[i]);
+        d->indexed++;
+        candidates_forget(&d->cand, kh);
+        take_ref(d, c, dest[i]);
         out[i] = (QdResult) { .result = QD_RESULT_STORED, .slot = dest[i] };
         c->stored++;
         d->stored++;
@@ -518,126 +608,141 @@ void broker_publish_commit(Broker *b, BrokerClient *c, const QdMessage *m,
 
 int broker_unref(Broker *b, BrokerClient *c, const QdMessage *m)
 {
-    uint32_t n = m->u.array.count;
-    g_autoptr(GHashTable) want = g_hash_table_new(g_direct_hash, g_direct_equal);
+    Domain *d = c->domain;
+    uint32_t n = m->u.array.count, done;
 
-    /* Validate first (a slot may be named several times): all or nothing. */
-    for (uint32_t i = 0; i < n; i++) {
-        gpointer key = GSIZE_TO_POINTER(qd_unref_slot_at(m, i));
-        guint k = GPOINTER_TO_UINT(g_hash_table_lookup(want, key)) + 1;
-
-        if (qd_unref_slot_at(m, i) >= b->pool.max_slots ||
-            refs_count(&c->refs, qd_unref_slot_at(m, i)) < k) {
-            return QD_ERR_NOT_HELD;
+    /*
+     * All or nothing: take the bits off as we check them (a slot named
+     * twice fails the second time), and put them back if one fails.
+     */
+    for (done = 0; done < n; done++) {
+        if (!refs_remove(&c->refs, qd_unref_slot_at(m, done))) {
+            break;
         }
-        g_hash_table_insert(want, key, GUINT_TO_POINTER(k));
+    }
+    if (done < n) {
+        for (uint32_t i = 0; i < done; i++) {
+            refs_add(&c->refs, qd_unref_slot_at(m, i));
+        }
+        return QD_ERR_NOT_HELD;
     }
     for (uint32_t i = 0; i < n; i++) {
-        uint64_t slot = qd_unref_slot_at(m, i);
-
-        refs_remove(&c->refs, slot);
-        slot_release(b, slot, 1);
+        domain_slot_release(b, d, qd_unref_slot_at(m, i));
     }
     c->unrefs += n;
     b->stats.unrefs += n;
     return 0;
 }
 
-void broker_restore(Broker *b, BrokerClient *c, const QdMessage *m, QdResult *out)
+/*
+ * RESTORE, after a restart: a client of the domain re-registers a slot it
+ * still maps.  Only while the domain recovers, only for slots held since
+ * the adoption, only with the content's exact hash, and within the
+ * client's quota; anything else is refused and changes nothing.
+ */
+static uint32_t restore_one(Broker *b, BrokerClient *c, const QdRestoreEntry *e)
 {
     Domain *d = c->domain;
+    SlotInfo *si;
 
+    if (!d->recovering || !pool_slot_held(&d->pool, e->slot)) {
+        return QD_RESULT_REFUSED;
+    }
+    if (refs_held(&c->refs, e->slot)) {
+        return qd_hash_equal(d->slots.info[e->slot].hash, e->hash) ? QD_RESULT_HIT
+                                                                   : QD_RESULT_MISMATCH;
+    }
+    if (!client_may_ref(b, c, e->slot)) {
+        return QD_RESULT_QUOTA;
+    }
+    if (pool_slot_used(&d->pool, e->slot)) {
+        /* Restored by another client of the domain already. */
+        if (!qd_hash_equal(d->slots.info[e->slot].hash, e->hash)) {
+            return QD_RESULT_MISMATCH;
+        }
+    } else {
+        /* Held slots hold data: hashing them allocates nothing. */
+        QdHash h = qd_hash_page(pool_page(&d->pool, e->slot));
+
+        if (!qd_hash_equal(h, e->hash) || !pool_claim(&d->pool, e->slot)) {
+            return QD_RESULT_MISMATCH;
+        }
+        si = slot_table_get(&d->slots, e->slot);
+        *si = (SlotInfo) { .hash = h };
+        if (index_find(&d->index, &d->slots, h, keyed_hash(&b->key, h)) == INDEX_NONE) {
+            si->flags = SLOT_INDEXED;
+            index_insert(&d->index, &d->slots, e->slot);
+            d->indexed++;
+        }
+    }
+    take_ref(d, c, e->slot);
+    return QD_RESULT_HIT;
+}
+
+void broker_restore(Broker *b, BrokerClient *c, const QdMessage *m, QdResult *out)
+{
     for (uint32_t i = 0; i < m->u.array.count; i++) {
         QdRestoreEntry e;
-        SlotInfo *si;
 
         qd_restore_entry_at(m, i, &e);
-        out[i] = (QdResult) { .result = QD_RESULT_MISMATCH };
-        if (e.slot >= b->pool.max_slots) {
-            continue;
-        }
-        si = slot_table_get(&b->slots, e.slot);
-        if (pool_slot_used(&b->pool, e.slot)) {
-            /* Known already (restored by another client or stored since):
-             * only the same content, and only within the same domain. */
-            if (si->domain != d->id || !qd_hash_equal(si->hash, e.hash)) {
-                continue;
-            }
+        out[i] = (QdResult) { .result = restore_one(b, c, &e) };
+        if (out[i].result == QD_RESULT_HIT) {
+            out[i].slot = e.slot;
+            c->restored++;
+            c->domain->restored++;
+            b->stats.restored++;
         } else {
-            QdHash h = qd_hash_page(pool_page(&b->pool, e.slot));
-
-            if (!qd_hash_equal(h, e.hash) || !pool_claim(&b->pool, e.slot)) {
-                continue;
-            }
-            *si = (SlotInfo) { .hash = h, .domain = d->id };
-            if (index_find(&d->index, &b->slots, h) == INDEX_NONE) {
-                si->flags = SLOT_INDEXED;
-                index_insert(&d->index, &b->slots, e.slot);
-                d->slots++;
-            }
+            c->domain->refused_restores++;
+            b->stats.restores_refused++;
         }
-        /* No quota check: the client maps this slot already. */
-        take_ref(b, c, e.slot);
-        out[i] = (QdResult) { .result = QD_RESULT_HIT, .slot = e.slot };
-        c->restored++;
-        b->stats.restored++;
     }
 }
 
 void broker_rotate_candidates(Broker *b)
 {
-    for (guint i = 0; i < b->domain_ids->len; i++) {
-        Domain *d = g_ptr_array_index(b->domain_ids, i);
+    GHashTableIter it;
+    gpointer v;
 
-        if (d) {
-            candidates_rotate(&d->cand);
-        }
+    g_hash_table_iter_init(&it, b->domain_ids);
+    while (g_hash_table_iter_next(&it, NULL, &v)) {
+        candidates_rotate(&((Domain *)v)->cand);
     }
 }
 
 void broker_tick(Broker *b, gint64 now)
 {
-    g_autoptr(GError) err = NULL;
+    for (guint i = 0; i < b->pending->len;) {
+        PendingPool *pp = g_ptr_array_index(b->pending, i);
 
-    if (b->recovering && now >= b->recover_deadline) {
-        g_message("no client handed the previous pool back within %u s: "
-                  "starting a new pool", b->cfg->restart_grace);
-        b->recovering = FALSE;
-        if (!pool_create(&b->pool, b->cfg->pool_max, &err)) {
-            g_critical("%s", err->message);
-            return;
+        if (now < pp->deadline) {
+            i++;
+            continue;
         }
-        b->have_pool = TRUE;
+        g_message("nobody handed back the previous pool of %s within %u s: %s",
+                  *pp->name ? pp->name : "a private domain", b->cfg->restart_grace,
+                  *pp->name ? "its clients start a new one" : "forgotten");
+        g_ptr_array_remove_index_fast(b->pending, i);
+        pending_free(pp);
         restart_write_state(b);
     }
-    if (b->sweep_at && now >= b->sweep_at) {
-        uint64_t n = pool_punch_unused(&b->pool);
-
-        b->sweep_at = 0;
-        b->stats.frees += n;
-        g_message("restart complete: %" G_GUINT64_FORMAT " slots restored, %"
-                  G_GUINT64_FORMAT " unclaimed slots freed", b->pool.nused, n);
-        restart_write_state(b);
-    }
+    recovery_tick(b, now);
 }
 
 MetadataBytes broker_metadata_bytes(Broker *b)
 {
-    MetadataBytes mb = { .slot_table = slot_table_bytes(&b->slots) };
+    MetadataBytes mb = { 0 };
     GHashTableIter it;
     gpointer v;
 
-    if (b->have_pool) {
-        mb.pool_bitmap = (b->pool.max_slots + 63) / 64 * 8;
-    }
-    for (guint i = 0; i < b->domain_ids->len; i++) {
-        Domain *d = g_ptr_array_index(b->domain_ids, i);
+    g_hash_table_iter_init(&it, b->domain_ids);
+    while (g_hash_table_iter_next(&it, NULL, &v)) {
+        Domain *d = v;
 
-        if (d) {
-            mb.index += index_bytes(&d->index);
-            mb.candidates += candidates_bytes(&d->cand);
-            mb.other += sizeof(*d);
-        }
+        mb.slot_table += slot_table_bytes(&d->slots);
+        mb.pool_bitmap += pool_bitmap_bytes(&d->pool);
+        mb.index += index_bytes(&d->index);
+        mb.candidates += candidates_bytes(&d->cand);
+        mb.other += sizeof(*d);
     }
     g_hash_table_iter_init(&it, b->clients);
     while (g_hash_table_iter_next(&it, NULL, &v)) {

@@ -1,11 +1,11 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
- * The references one client holds (ARCHITECTURE I2): for each slot, how
- * many of its pages map it.  A bitmap over the pool, allocated in chunks
- * as the client touches them (1 bit a slot), says whether it holds at least
- * one; the rare extra references (a page content repeated inside one VM)
- * are counted in a small hash table.  When the client goes away, walking
- * the bitmap releases everything it held.
+ * The references one client holds (ARCHITECTURE I2): one bit per slot of
+ * its domain's pool, in chunks allocated as the client touches them.  One
+ * reference per (client, slot), however many of its pages map the slot:
+ * the client counts its own pages (include/qdedup/slot-uses.h), so no
+ * request can drive a count the broker trusts.  When the client goes away,
+ * walking the bitmap releases everything it held.
  */
 #ifndef QDEDUP_BROKER_REFS_H
 #define QDEDUP_BROKER_REFS_H
@@ -16,20 +16,19 @@
 typedef struct ClientRefs {
     uint64_t **chunks;      /* chunk -> bitmap, NULL until used */
     uint64_t nchunks;
-    GHashTable *extra;      /* slot -> references beyond the first */
-    uint64_t distinct;      /* slots held */
-    uint64_t total;         /* references held */
+    uint64_t held;          /* slots held */
 } ClientRefs;
 
 void refs_init(ClientRefs *r, uint64_t max_slots);
 void refs_destroy(ClientRefs *r);
-void refs_add(ClientRefs *r, uint64_t slot);
+/* TRUE if the reference is new (FALSE: held already; nothing changed). */
+gboolean refs_add(ClientRefs *r, uint64_t slot);
 /* FALSE (and nothing changed) if the client holds no reference to slot. */
 gboolean refs_remove(ClientRefs *r, uint64_t slot);
-uint32_t refs_count(const ClientRefs *r, uint64_t slot);
-/* Call fn for each slot held, with the number of references. */
-void refs_foreach(const ClientRefs *r, void (*fn)(uint64_t slot, uint32_t count,
-                                                  void *opaque), void *opaque);
+gboolean refs_held(const ClientRefs *r, uint64_t slot);
+/* Call fn for each slot held. */
+void refs_foreach(const ClientRefs *r, void (*fn)(uint64_t slot, void *opaque),
+                  void *opaque);
 uint64_t refs_bytes(const ClientRefs *r);
 
 #endif

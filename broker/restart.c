@@ -2,19 +2,17 @@
 /*
  * Surviving a broker restart without losing guest data or pool memory.
  *
- * The pool is a memfd: it outlives the broker as long as a client maps it
- * or holds its descriptor, but nobody can name it.  So the broker records
- * the pool's identity (device and inode) in a small state file next to its
- * socket.  A new broker that finds the file does not create a pool at once:
- * for restart-grace seconds it answers new clients RETRY and waits for a
- * previous client to reconnect and hand the pool back (HELLO with
- * QD_HELLO_RECONNECT and the descriptor).  The inode must match the state
- * file and belong to the broker's user (pool.c checks), then the broker
- * reopens it writable and adopts it.  Every client re-registers what it
- * maps (RESTORE: slot and hash; the broker re-hashes the slot and rebuilds
- * index and reference counts).  restart-grace seconds after the adoption,
- * slots nobody claimed are punched, so nothing leaks.  If nobody hands the
- * pool back in time, a new pool is made; clients of the old one keep their
+ * A pool is a memfd: it outlives the broker as long as a client maps it or
+ * holds its descriptor, but nobody can name it.  So the broker records, in
+ * a small state file next to its socket, each pool's identity (device and
+ * inode) and its domain: a named domain's name, or that it was private.
+ * Each slot belongs to its pool's domain, so this records every slot's
+ * domain.  A new broker that finds the file waits, per pool, restart-grace
+ * seconds for a previous client of that domain to reconnect (HELLO with
+ * QD_HELLO_RECONNECT, naming its pool descriptor) and takes the pool back
+ * from the client's descriptor table (ops.c, peer.c); meanwhile new clients
+ * of a named domain get RETRY.  Recovery then goes on in recovery.c.  A
+ * pool nobody hands back in time is forgotten: its clients keep their
  * merged pages (private mappings stay valid) and are told POOL_CHANGED.
  */
 #include <errno.h>
@@ -23,40 +21,91 @@
 
 #include "broker.h"
 
-gboolean restart_read_state(Broker *b)
-{
-    g_autofree char *text = NULL;
-    unsigned long long dev, ino;
+#define STATE_HEADER \
+    "# qemu-dedup-broker: the pools its clients may hand back after a restart\n"
 
-    if (!g_file_get_contents(b->cfg->state_path, &text, NULL, NULL)) {
-        return FALSE;
+void restart_read_state(Broker *b)
+{
+    g_autoptr(GKeyFile) kf = g_key_file_new();
+    g_autoptr(GError) err = NULL;
+    g_auto(GStrv) groups = NULL;
+    gint64 deadline = g_get_monotonic_time() +
+                      (gint64)b->cfg->restart_grace * G_USEC_PER_SEC;
+
+    if (!g_key_file_load_from_file(kf, b->cfg->state_path, G_KEY_FILE_NONE, &err)) {
+        if (!g_error_matches(err, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
+            g_warning("%s: not a broker state file (%s); ignored", b->cfg->state_path,
+                      err->message);
+        }
+        return;
     }
-    if (sscanf(text, "pool-dev=%llu pool-ino=%llu", &dev, &ino) != 2) {
-        g_warning("%s: not a broker state file; ignored", b->cfg->state_path);
-        return FALSE;
+    groups = g_key_file_get_groups(kf, NULL);
+    for (char **g = groups; *g; g++) {
+        PendingPool *pp;
+        g_autofree char *name = g_key_file_get_string(kf, *g, "domain", NULL);
+        guint64 dev = g_key_file_get_uint64(kf, *g, "dev", NULL);
+        guint64 ino = g_key_file_get_uint64(kf, *g, "ino", NULL);
+        gboolean priv = g_key_file_get_boolean(kf, *g, "private", NULL);
+
+        if (!g_str_has_prefix(*g, "pool ") || !ino || (!priv && (!name || !*name))) {
+            g_warning("%s: [%s] is not a pool; ignored", b->cfg->state_path, *g);
+            continue;
+        }
+        pp = g_new0(PendingPool, 1);
+        pp->name = g_strdup(priv ? "" : name);
+        pp->dev = dev;
+        pp->ino = ino;
+        pp->deadline = deadline;
+        g_ptr_array_add(b->pending, pp);
     }
-    b->state_dev = dev;
-    b->state_ino = ino;
-    return TRUE;
+}
+
+static void add_pool(GKeyFile *kf, guint n, const char *name, uint64_t dev, uint64_t ino)
+{
+    g_autofree char *group = g_strdup_printf("pool %u", n);
+
+    if (*name) {
+        g_key_file_set_string(kf, group, "domain", name);
+    } else {
+        g_key_file_set_boolean(kf, group, "private", TRUE);
+    }
+    g_key_file_set_uint64(kf, group, "dev", dev);
+    g_key_file_set_uint64(kf, group, "ino", ino);
 }
 
 void restart_write_state(Broker *b)
 {
+    g_autoptr(GKeyFile) kf = g_key_file_new();
     g_autoptr(GError) err = NULL;
-    g_autofree char *text = g_strdup_printf(
-        "pool-dev=%llu pool-ino=%llu\n"
-        "# qemu-dedup-broker: identity of the pool its clients may hand back\n",
-        (unsigned long long)b->pool.dev, (unsigned long long)b->pool.ino);
+    g_autofree char *text = NULL, *data = NULL;
+    GHashTableIter it;
+    gpointer v;
+    guint n = 0;
 
-    if (!g_file_set_contents(b->cfg->state_path, text, -1, &err)) {
-        g_warning("cannot write %s (a restart will not recover the pool): %s",
-                  b->cfg->state_path, err->message);
+    if (b->stopping_state_frozen) {
+        return;
     }
-}
+    g_hash_table_iter_init(&it, b->domain_ids);
+    while (g_hash_table_iter_next(&it, NULL, &v)) {
+        Domain *d = v;
 
-void restart_clear_state(Broker *b)
-{
-    if (unlink(b->cfg->state_path) < 0 && errno != ENOENT) {
-        g_warning("cannot remove %s: %s", b->cfg->state_path, g_strerror(errno));
+        add_pool(kf, n++, d->name, d->pool.dev, d->pool.ino);
+    }
+    for (guint i = 0; i < b->pending->len; i++) {
+        PendingPool *pp = g_ptr_array_index(b->pending, i);
+
+        add_pool(kf, n++, pp->name, pp->dev, pp->ino);
+    }
+    if (!n) {
+        if (unlink(b->cfg->state_path) < 0 && errno != ENOENT) {
+            g_warning("cannot remove %s: %s", b->cfg->state_path, g_strerror(errno));
+        }
+        return;
+    }
+    data = g_key_file_to_data(kf, NULL, NULL);
+    text = g_strconcat(STATE_HEADER, data, NULL);
+    if (!g_file_set_contents(b->cfg->state_path, text, -1, &err)) {
+        g_warning("cannot write %s (a restart will not recover the pools): %s",
+                  b->cfg->state_path, err->message);
     }
 }

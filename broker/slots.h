@@ -1,9 +1,11 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
- * What the broker knows of each allocated pool slot: the XXH3-128 of its
- * content (computed by the broker itself), its total reference count over
- * all clients, and the domain whose index holds it.  24 bytes a slot; the
- * table grows with the pool's high-water mark.
+ * What the broker knows of each allocated slot of one domain's pool: the
+ * XXH3-128 of its content (computed by the broker itself) and how many
+ * clients hold a reference to it.  A client holds at most one reference per
+ * slot (refs.h), so the count is bounded by the number of clients and no
+ * request can wrap it.  24 bytes a slot; the table grows with the pool's
+ * high-water mark.
  */
 #ifndef QDEDUP_BROKER_SLOTS_H
 #define QDEDUP_BROKER_SLOTS_H
@@ -15,9 +17,8 @@
 
 typedef struct SlotInfo {
     QdHash hash;
-    uint32_t refs;
-    uint16_t domain;        /* Domain id */
-    uint16_t flags;
+    uint32_t refs;          /* clients holding it */
+    uint32_t flags;
 } SlotInfo;
 
 #define SLOT_INDEXED 1u     /* present in its domain's index */

@@ -63,8 +63,7 @@ static int copy_results(const QdMessage *m, uint32_t n, QdResult *out)
     return 0;
 }
 
-int qd_client_open(QdClient *c, const char *path, const QdHello *hello,
-                   int pool_fd, QdError *err)
+int qd_client_open(QdClient *c, const char *path, const QdHello *hello, QdError *err)
 {
     QdMessage m;
     size_t len;
@@ -85,7 +84,7 @@ int qd_client_open(QdClient *c, const char *path, const QdHello *hello,
     }
     c->seq = 1;
     len = qd_encode_hello(c->buf, QD_SMALL_MSG_MAX, c->seq, hello);
-    ret = len ? qd_send(c->sock, c->buf, len, NULL, 0, pool_fd) : -EINVAL;
+    ret = len ? qd_send(c->sock, c->buf, len, NULL, 0, -1) : -EINVAL;
     if (ret == 0) {
         ret = wait_reply(c, QD_MSG_HELLO_REPLY, &m, &fd, err);
     }

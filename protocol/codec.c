@@ -179,6 +179,7 @@ size_t qd_encode_hello(uint8_t *buf, size_t size, uint32_t seq, const QdHello *h
     }
     w64(&w, h->pool_dev);
     w64(&w, h->pool_ino);
+    w32(&w, h->pool_fd);
     return finish(&w, 0);
 }
 
@@ -515,6 +516,7 @@ static void decode_body(Reader *r, QdMessage *m)
         }
         h->pool_dev = r64(r);
         h->pool_ino = r64(r);
+        h->pool_fd = r32(r);
         if (!r->err && (h->flags & ~QD_HELLO_FLAGS)) {
             r->err = QD_DECODE_VALUE;
         }
@@ -668,6 +670,7 @@ const char *qd_result_name(uint32_t result)
         [QD_RESULT_PUBLISH] = "publish", [QD_RESULT_STORED] = "stored",
         [QD_RESULT_MISMATCH] = "mismatch", [QD_RESULT_QUOTA] = "quota",
         [QD_RESULT_FULL] = "full", [QD_RESULT_UNWANTED] = "unwanted",
+        [QD_RESULT_REFUSED] = "refused",
     };
     return NAME(names, result);
 }

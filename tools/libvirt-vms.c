@@ -58,7 +58,7 @@ static void print_row(const char *name, JsonObject *d, JsonObject *c)
     char refs[24] = "-";
 
     if (c) {
-        snprintf(refs, sizeof(refs), "%" G_GINT64_FORMAT, num(c, "pages-mapped"));
+        snprintf(refs, sizeof(refs), "%" G_GINT64_FORMAT, num(c, "slots"));
     }
     printf("%-20s %-10s %8.0f %8.0f %9" G_GINT64_FORMAT " %9" G_GINT64_FORMAT
            " %8" G_GINT64_FORMAT " %8" G_GINT64_FORMAT " %9s\n", name,

@@ -21,17 +21,17 @@
 
 static void print_stats(JsonObject *o)
 {
-    printf("pool            %.1f MiB used of %.1f MiB (%" G_GINT64_FORMAT " of %"
-           G_GINT64_FORMAT " slots), %.1f MiB resident\n",
-           mib(num(o, "pool-bytes")), mib(num(o, "pool-max-bytes")),
-           num(o, "slots-used"), num(o, "slots-max"), mib(num(o, "pool-resident-bytes")));
-    printf("saved           %.1f MiB (%" G_GINT64_FORMAT " pages mapped by clients)\n",
+    printf("pools           %.1f MiB used in %" G_GINT64_FORMAT " slots (at most %.1f MiB "
+           "a domain), %.1f MiB resident\n",
+           mib(num(o, "pool-bytes")), num(o, "slots-used"), mib(num(o, "pool-max-bytes")),
+           mib(num(o, "pool-resident-bytes")));
+    printf("saved           %.1f MiB (%" G_GINT64_FORMAT " references)\n",
            mib(num(o, "saved-bytes")), num(o, "pages-shared"));
     printf("clients         %" G_GINT64_FORMAT " connected, %" G_GINT64_FORMAT
            " orphaned, %" G_GINT64_FORMAT " domains%s\n", num(o, "clients"),
            num(o, "orphans"), num(o, "domains"),
            json_object_get_boolean_member_with_default(o, "recovering", FALSE)
-           ? " (recovering the pool after a restart)" : "");
+           ? " (recovering pools after a restart)" : "");
     printf("lookups         %" G_GINT64_FORMAT " (%.0f/s), %" G_GINT64_FORMAT " hits, %"
            G_GINT64_FORMAT " candidates\n", num(o, "lookups"),
            json_object_get_double_member_with_default(o, "lookups-per-second", 0),
@@ -46,13 +46,14 @@ static void print_stats(JsonObject *o)
            num(o, "metadata-bytes") / 1024.0,
            json_object_get_double_member_with_default(o, "metadata-bytes-per-slot", 0));
     printf("errors          %" G_GINT64_FORMAT " protocol, %" G_GINT64_FORMAT
-           " refused clients\n", num(o, "protocol-errors"), num(o, "clients-refused"));
+           " refused clients, %" G_GINT64_FORMAT " failed authentications\n",
+           num(o, "protocol-errors"), num(o, "clients-refused"), num(o, "auth-failures"));
 }
 
 static void print_clients(JsonArray *a)
 {
     printf("%5s %8s %6s %-16s %-16s %-9s %9s %9s %9s %11s %9s\n", "ID", "PID", "UID",
-           "NAME", "DOMAIN", "STATE", "SLOTS", "MAPPED", "SAVED MiB", "LOOKUPS", "HITS");
+           "NAME", "DOMAIN", "STATE", "SLOTS", "RESTORED", "SAVED MiB", "LOOKUPS", "HITS");
     for (guint i = 0; i < json_array_get_length(a); i++) {
         JsonObject *o = json_array_get_object_element(a, i);
 
@@ -61,7 +62,7 @@ static void print_clients(JsonArray *a)
                " %9.1f %11" G_GINT64_FORMAT " %9" G_GINT64_FORMAT "\n",
                num(o, "id"), num(o, "pid"), num(o, "uid"), str(o, "name"),
                *str(o, "domain") ? str(o, "domain") : "(private)", str(o, "state"),
-               num(o, "slots"), num(o, "pages-mapped"), mib(num(o, "saved-bytes")),
+               num(o, "slots"), num(o, "restored"), mib(num(o, "saved-bytes")),
                num(o, "lookups"), num(o, "hits"));
     }
 }
@@ -69,7 +70,7 @@ static void print_clients(JsonArray *a)
 static void print_domains(JsonArray *a)
 {
     printf("%-20s %8s %9s %9s %10s %11s %10s\n", "DOMAIN", "CLIENTS", "SLOTS",
-           "MAPPED", "SAVED MiB", "CANDIDATES", "QUOTA MiB");
+           "REFS", "SAVED MiB", "CANDIDATES", "QUOTA MiB");
     for (guint i = 0; i < json_array_get_length(a); i++) {
         JsonObject *o = json_array_get_object_element(a, i);
 

@@ -50,13 +50,11 @@ void broker_lost(DedupEngine *e, const char *why)
     engine_notify(e, DEDUP_EVENT_BROKER_LOST);
 }
 
-void broker_unref(DedupEngine *e, const uint64_t *slots, size_t n)
+/* Send UNREFs for slots whose last use went; the broker gives nothing back. */
+static void send_unref(DedupEngine *e, const uint64_t *slots, size_t n)
 {
     Broker *b = &e->broker;
 
-    if (n) {
-        engine_trace(e, DEDUP_TRACE_UNREF, NULL, n, 0);
-    }
     for (size_t i = 0; i < n && b->connected; i += QD_MAX_UNREF) {
         QdError err;
         int ret = qd_client_unref(&b->client, slots + i, MIN(n - i, QD_MAX_UNREF), &err);
@@ -68,33 +66,83 @@ void broker_unref(DedupEngine *e, const uint64_t *slots, size_t n)
             g_warning("memory-dedup: broker refused UNREF: %s", err.message);
         }
     }
-    /* Disconnected: the broker keeps them until we reconnect (REFS_KEPT). */
 }
 
-/* Re-register, after a broker restart, every slot we still map. */
+bool broker_took(DedupEngine *e, uint64_t slot)
+{
+    Broker *b = &e->broker;
+
+    if (qd_slot_uses_add(&b->uses, slot) > 0) {
+        return true;
+    }
+    /* Not counted (no memory): the page will not map it; if it was the
+     * broker's new reference, give it back at once. */
+    if (qd_slot_uses_count(&b->uses, slot) == 0) {
+        send_unref(e, &slot, 1);
+    }
+    return false;
+}
+
+void broker_unref(DedupEngine *e, const uint64_t *slots, size_t n)
+{
+    Broker *b = &e->broker;
+    g_autoptr(GArray) last = g_array_new(FALSE, FALSE, sizeof(uint64_t));
+
+    if (!n) {
+        return;
+    }
+    engine_trace(e, DEDUP_TRACE_UNREF, NULL, n, 0);
+    for (size_t i = 0; i < n; i++) {
+        int64_t left = qd_slot_uses_drop(&b->uses, slots[i]);
+
+        if (left == 0) {
+            g_array_append_val(last, slots[i]);
+        } else if (left < 0) {
+            g_warning("memory-dedup: released slot %" G_GUINT64_FORMAT
+                      " that no page used", slots[i]);
+        }
+    }
+    if (!b->connected) {
+        /* The broker keeps them until we reconnect (REFS_KEPT): send then. */
+        g_array_append_vals(b->unsent, last->data, last->len);
+        return;
+    }
+    send_unref(e, (uint64_t *)last->data, last->len);
+}
+
+typedef struct RestoreList {
+    DedupEngine *e;
+    GArray *entries;        /* QdRestoreEntry, one per slot we use */
+} RestoreList;
+
+static void add_restore(uint64_t slot, uint64_t uses, void *opaque)
+{
+    RestoreList *l = opaque;
+    const uint8_t *page = broker_pool_page(l->e, slot);
+    QdRestoreEntry re = { .slot = slot };
+
+    if (page) {
+        re.hash = qd_hash_page(page);
+    }
+    g_array_append_val(l->entries, re);
+}
+
+/*
+ * Re-register, after a broker restart, every slot we still map (one entry
+ * per slot).  Pages of a slot the broker does not take back are copied out
+ * before it could be reused or punched.
+ */
 static bool restore_refs(DedupEngine *e)
 {
     Broker *b = &e->broker;
     g_autoptr(GArray) entries = g_array_new(FALSE, FALSE, sizeof(QdRestoreEntry));
-    g_autoptr(GArray) where = g_array_new(FALSE, FALSE, sizeof(MergeItem));
+    g_autoptr(GHashTable) refused = g_hash_table_new(g_direct_hash, g_direct_equal);
+    RestoreList list = { e, entries };
     QdResult res[QD_MAX_RESTORE];
 
-    for (guint i = 0; i < e->regions->len; i++) {
-        Region *r = g_ptr_array_index(e->regions, i);
-
-        for (size_t p = 0; p < r->npages; p++) {
-            uint8_t k = r->kind[p] & 0x7f;
-
-            if (k == PAGE_MERGED || k == PAGE_COWED) {
-                QdRestoreEntry re = { .slot = r->slot[p],
-                                      .hash = qd_hash_page(broker_pool_page(e, r->slot[p])) };
-                MergeItem m = { r, p, r->slot[p] };
-
-                g_array_append_val(entries, re);
-                g_array_append_val(where, m);
-            }
-        }
-    }
+    /* What went while we were away belonged to the old broker. */
+    g_array_set_size(b->unsent, 0);
+    qd_slot_uses_foreach(&b->uses, add_restore, &list);
     for (guint i = 0; i < entries->len; i += QD_MAX_RESTORE) {
         uint32_t n = MIN(entries->len - i, QD_MAX_RESTORE);
         QdError err;
@@ -105,16 +153,37 @@ static bool restore_refs(DedupEngine *e)
             return false;
         }
         for (uint32_t k = 0; k < n; k++) {
-            MergeItem *m = &g_array_index(where, MergeItem, i + k);
-
             if (res[k].result != QD_RESULT_HIT) {
-                /* Not ours any more: copy it out before the slot is punched. */
-                region_set_page(m->r, m->page, PAGE_COWED, m->r->slot[m->page]);
-                if (!restore_page(e, m->r, m->page, false)) {
-                    g_warning("memory-dedup: cannot unmerge page %zu of %s",
-                              m->page, m->r->name);
+                uint64_t slot = g_array_index(entries, QdRestoreEntry, i + k).slot;
+
+                g_hash_table_add(refused, GSIZE_TO_POINTER(slot));
+            }
+        }
+    }
+    if (!g_hash_table_size(refused)) {
+        return true;
+    }
+    for (guint i = 0; i < e->regions->len; i++) {
+        Region *r = g_ptr_array_index(e->regions, i);
+
+        for (size_t p = 0; p < r->npages; p++) {
+            if (pool_mapped(r, p) &&
+                g_hash_table_contains(refused, GSIZE_TO_POINTER((gsize)r->slot[p]))) {
+                /* Not ours any more: copy it out (the broker holds no reference). */
+                region_set_page(r, p, PAGE_COWED, r->slot[p]);
+                if (!restore_page(e, r, p, false)) {
+                    g_warning("memory-dedup: cannot unmerge page %zu of %s", p, r->name);
                 }
             }
+        }
+    }
+    {
+        GHashTableIter it;
+        gpointer key;
+
+        g_hash_table_iter_init(&it, refused);
+        while (g_hash_table_iter_next(&it, &key, NULL)) {
+            qd_slot_uses_forget(&b->uses, GPOINTER_TO_SIZE(key));
         }
     }
     return true;
@@ -137,11 +206,13 @@ static bool broker_connect(DedupEngine *e)
         memcpy(h.secret, e->secret, h.secret_len);
     }
     if (b->pool_fd >= 0) {
+        /* The broker looks at our descriptor through /proc: nothing is sent. */
         h.flags |= QD_HELLO_RECONNECT;
         h.pool_dev = b->pool_dev;
         h.pool_ino = b->pool_ino;
+        h.pool_fd = b->pool_fd;
     }
-    ret = qd_client_open(&b->client, e->broker_path, &h, b->pool_fd, &err);
+    ret = qd_client_open(&b->client, e->broker_path, &h, &err);
     if (ret) {
         if (!b->ever_connected || b->backoff_us >= BACKOFF_MAX_US) {
             g_debug("memory-dedup: broker %s: %s", e->broker_path,
@@ -160,11 +231,19 @@ static bool broker_connect(DedupEngine *e)
         b->pool_ino = st.st_ino;
         b->pool_view_len = b->client.info.pool_slots * DEDUP_PAGE;
         b->pool_view = mmap(NULL, b->pool_view_len, PROT_READ, MAP_SHARED, b->pool_fd, 0);
-        if (b->pool_view == MAP_FAILED) {
+        if (b->pool_view == MAP_FAILED ||
+            qd_slot_uses_init(&b->uses, b->client.info.pool_slots) < 0) {
+            if (b->pool_view != MAP_FAILED) {
+                munmap(b->pool_view, b->pool_view_len);
+            }
             b->pool_view = NULL;
+            close(b->pool_fd);
+            b->pool_fd = -1;
             qd_client_close(&b->client);
             return false;
         }
+        /* A host core dump must hold no pool page (dump-guest-core=off). */
+        madvise(b->pool_view, b->pool_view_len, MADV_DONTDUMP);
     } else {
         /* Reconnected: the broker answered with our own pool (else POOL_CHANGED). */
         if (b->client.pool_fd >= 0) {
@@ -172,7 +251,13 @@ static bool broker_connect(DedupEngine *e)
             b->client.pool_fd = -1;
         }
         b->connected = true;
-        if (!(b->client.info.flags & QD_REPLY_REFS_KEPT) && !restore_refs(e)) {
+        if (b->client.info.flags & QD_REPLY_REFS_KEPT) {
+            /* Same broker: give back what went while we were away. */
+            g_autoptr(GArray) unsent = b->unsent;
+
+            b->unsent = g_array_new(FALSE, FALSE, sizeof(uint64_t));
+            send_unref(e, (uint64_t *)unsent->data, unsent->len);
+        } else if (!restore_refs(e)) {
             b->connected = false;
             qd_client_close(&b->client);
             return false;
@@ -231,4 +316,5 @@ void broker_release_pool(DedupEngine *e)
         close(b->pool_fd);
         b->pool_fd = -1;
     }
+    qd_slot_uses_destroy(&b->uses);
 }

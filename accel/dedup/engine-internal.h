@@ -8,6 +8,7 @@
 
 #include "engine.h"
 #include "qdedup/client.h"
+#include "qdedup/slot-uses.h"
 
 #define DEDUP_PAGE          4096u
 #define DEDUP_NO_SLOT       UINT32_MAX
@@ -51,6 +52,13 @@ typedef struct Region {
 typedef struct Broker {
     QdClient client;
     bool connected;
+    /*
+     * Our pages that map each slot.  The broker holds one reference per
+     * slot for us, however many pages map it: it is taken by the first use
+     * (HIT or STORED) and given back when the last use goes.
+     */
+    QdSlotUses uses;
+    GArray *unsent;         /* slots whose last use went while disconnected */
     int pool_fd;            /* read-only, kept across reconnects */
     uint8_t *pool_view;     /* pool_fd mapped read-only, for compares */
     size_t pool_view_len;
@@ -144,6 +152,12 @@ int remap_flags(Region *r, void *addr, size_t len);
 /* broker-link.c */
 bool broker_usable(DedupEngine *e);     /* connects (with backoff) if needed */
 void broker_lost(DedupEngine *e, const char *why);
+/*
+ * A page now maps slot (the broker answered HIT or STORED for it).  False if
+ * it cannot be counted: the page must not map the slot then.
+ */
+bool broker_took(DedupEngine *e, uint64_t slot);
+/* One page each no longer maps slots[i]: the last use gives the reference back. */
 void broker_unref(DedupEngine *e, const uint64_t *slots, size_t n);
 const uint8_t *broker_pool_page(DedupEngine *e, uint64_t slot);
 void broker_close(DedupEngine *e);

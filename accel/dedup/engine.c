@@ -62,6 +62,7 @@ DedupEngine *dedup_engine_new(const DedupConfig *cfg, char **errmsg)
     e->enabled = true;
     e->regions = g_ptr_array_new();
     e->broker.pool_fd = -1;
+    e->broker.unsent = g_array_new(FALSE, FALSE, sizeof(uint64_t));
     e->pagemap_fd = -1;
     e->uffd = -1;
     e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -125,6 +126,8 @@ void dedup_engine_free(DedupEngine *e)
         /* Nothing maps the pool any more (all unmerged): let it go. */
         broker_release_pool(e);
     }
+    qd_slot_uses_destroy(&e->broker.uses);
+    g_array_free(e->broker.unsent, TRUE);
     g_ptr_array_free(e->regions, TRUE);
     if (e->uffd >= 0) {
         /* Closing unregisters every range and wakes any blocked writer. */
@@ -398,7 +401,10 @@ static void lookup_and_merge(DedupEngine *e, Batch *b)
     }
     for (size_t i = 0; i < b->nlookup; i++) {
         if (b->result[i].result == QD_RESULT_HIT) {
-            items[nitems++] = (MergeItem) { b->r, b->lookup[i].cookie, b->result[i].slot };
+            if (broker_took(e, b->result[i].slot)) {
+                items[nitems++] = (MergeItem) { b->r, b->lookup[i].cookie,
+                                                b->result[i].slot };
+            }
         } else if (b->result[i].result == QD_RESULT_PUBLISH) {
             publish[npublish++] = i;
         } else {
@@ -434,7 +440,8 @@ static void lookup_and_merge(DedupEngine *e, Batch *b)
             break;
         }
         for (uint32_t j = 0; j < n; j++) {
-            if (pr[j].result == QD_RESULT_STORED || pr[j].result == QD_RESULT_HIT) {
+            if ((pr[j].result == QD_RESULT_STORED || pr[j].result == QD_RESULT_HIT) &&
+                broker_took(e, pr[j].slot)) {
                 items[nitems++] = (MergeItem) { b->r, pe[j].cookie, pr[j].slot };
             }
         }

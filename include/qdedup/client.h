@@ -25,9 +25,13 @@ typedef struct QdClient {
     uint8_t *buf;           /* QD_SMALL_MSG_MAX bytes, for requests and replies */
 } QdClient;
 
-/* Connect and say HELLO; hand back pool_fd (>= 0) when reconnecting. */
-int qd_client_open(QdClient *c, const char *path, const QdHello *hello,
-                   int pool_fd, QdError *err);
+/*
+ * Connect and say HELLO.  To hand the pool back when reconnecting, set
+ * QD_HELLO_RECONNECT and hello->pool_fd to the descriptor number of the pool
+ * kept from the previous connection (the broker inspects it; nothing is
+ * sent).
+ */
+int qd_client_open(QdClient *c, const char *path, const QdHello *hello, QdError *err);
 void qd_client_close(QdClient *c);
 
 int qd_client_lookup(QdClient *c, const QdLookupEntry *e, uint32_t n,

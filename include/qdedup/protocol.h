@@ -23,7 +23,7 @@
 #include <stdint.h>
 
 #define QD_PROTO_MAGIC      0x50444451u     /* "QDDP" on the wire */
-#define QD_PROTO_VERSION    1u
+#define QD_PROTO_VERSION    2u
 #define QD_PAGE_SIZE        4096u
 #define QD_DEFAULT_SOCKET   "/run/qemu-dedup/broker.sock"
 #define QD_HEADER_SIZE      16u
@@ -49,7 +49,7 @@
 #define QD_SMALL_MSG_MAX        (QD_HEADER_SIZE + 4u + QD_MAX_LOOKUP * QD_LOOKUP_ENTRY_SIZE)
 
 typedef enum QdMsgType {
-    QD_MSG_HELLO = 1,       /* client: who I am, which domain (+ pool fd on reconnect) */
+    QD_MSG_HELLO = 1,       /* client: who I am, which domain (+ pool fd number on reconnect) */
     QD_MSG_HELLO_REPLY,     /* broker: limits (+ read-only pool fd) */
     QD_MSG_LOOKUP,          /* client: hashes of stable candidate pages */
     QD_MSG_LOOKUP_REPLY,    /* broker: one QdResult per hash */
@@ -73,7 +73,8 @@ typedef enum QdResultCode {
     QD_RESULT_QUOTA,        /* client or domain quota reached */
     QD_RESULT_FULL,         /* pool at its maximum size */
     QD_RESULT_UNWANTED,     /* PUBLISH of a page nobody asked for */
-    QD_RESULT_MAX = QD_RESULT_UNWANTED,
+    QD_RESULT_REFUSED,      /* RESTORE of a slot that is not held for recovery */
+    QD_RESULT_MAX = QD_RESULT_REFUSED,
 } QdResultCode;
 
 typedef enum QdErrorCode {
@@ -88,12 +89,23 @@ typedef enum QdErrorCode {
     QD_ERR_MAX = QD_ERR_INTERNAL,
 } QdErrorCode;
 
-#define QD_HELLO_RECONNECT  1u  /* HELLO hands back the pool fd (SCM_RIGHTS) */
+/*
+ * HELLO hands back the pool: pool_fd names the client's own descriptor of
+ * it, which the broker inspects through /proc (kcmp, pidfd_getfd).  Clients
+ * never send descriptors: the broker's socket refuses them (SO_PASSRIGHTS).
+ */
+#define QD_HELLO_RECONNECT  1u
 #define QD_HELLO_FLAGS      QD_HELLO_RECONNECT
 
 #define QD_REPLY_ADOPTED    1u  /* HELLO_REPLY: the broker adopted the handed-back pool */
 #define QD_REPLY_REFS_KEPT  2u  /* HELLO_REPLY: the broker still had this process's
                                  * references (it was only disconnected): no RESTORE */
+/*
+ * References: a client holds at most one reference per slot, however many
+ * of its pages map it.  A HIT or STORED of a slot it holds already takes no
+ * second one, and one UNREF gives it back: a client that maps a slot from
+ * several pages counts them itself (include/qdedup/slot-uses.h).
+ */
 #define QD_REPLY_FLAGS      (QD_REPLY_ADOPTED | QD_REPLY_REFS_KEPT)
 
 typedef struct QdHash {
@@ -118,6 +130,7 @@ typedef struct QdHello {
     uint8_t secret[QD_SECRET_MAX];
     uint32_t secret_len;
     uint64_t pool_dev, pool_ino;    /* with QD_HELLO_RECONNECT */
+    uint32_t pool_fd;               /* with QD_HELLO_RECONNECT: our descriptor number */
 } QdHello;
 
 typedef struct QdHelloReply {

@@ -48,8 +48,12 @@ class Broker:
     def __init__(self, tmp, pool_max):
         self.sock = os.path.join(tmp, "b.sock")
         self.control = os.path.join(tmp, "c.sock")
-        self.proc = subprocess.Popen([BROKER, f"--socket={self.sock}", f"--control={self.control}",
-                                      f"--state={tmp}/state", f"--pool-max={pool_max}"],
+        config = os.path.join(tmp, "broker.conf")
+        with open(config, "w") as f:
+            f.write("[domain bench]\n")     # trust domains are declared by the host
+        self.proc = subprocess.Popen([BROKER, f"--config={config}", f"--socket={self.sock}",
+                                      f"--control={self.control}", f"--state={tmp}/state",
+                                      f"--pool-max={pool_max}"],
                                      stderr=subprocess.DEVNULL)
         while not os.path.exists(self.control):
             time.sleep(0.05)
@@ -65,6 +69,13 @@ class Broker:
 
 
 def rate(broker, mode, nclients):
+    # One reference per (client, slot): a holder keeps the pages stored while
+    # the bench clients' hits take references and their UNREFs give them back.
+    holder = None
+    if mode == "hit":
+        holder = subprocess.Popen([LOAD, broker.sock, "bench", "hold", "0", "65536"],
+                                  stdout=subprocess.PIPE, text=True)
+        holder.stdout.readline()
     procs = [subprocess.Popen([LOAD, broker.sock, "bench", mode, str(args.seconds), "65536"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(nclients)]
@@ -80,6 +91,9 @@ def rate(broker, mode, nclients):
         p.wait()
         total += int(out.split()[1])
     cpu, wall = cpu_seconds(broker.proc.pid) - cpu0, time.monotonic() - t0
+    if holder:
+        holder.terminate()
+        holder.wait()
     return total, wall, cpu
 
 

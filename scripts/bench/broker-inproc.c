@@ -19,7 +19,9 @@ int main(int argc, char **argv)
 {
     g_autoptr(GError) err = NULL;
     g_autofree char *dir = g_dir_make_tmp("qdedup-inproc-XXXXXX", &err);
-    BrokerConfig cfg = { .pool_max = 1u << 18, .open_domains = TRUE, .restart_grace = 1 };
+    BrokerConfig cfg = { .pool_max = 1u << 18, .restart_grace = 1, .max_domains = 4,
+                         .client_candidates = 1u << 22 };
+    gboolean auth_failed;
     QdHello h = { .version = QD_PROTO_VERSION };
     QdHelloReply reply = { 0 };
     static QdLookupEntry e[QD_MAX_LOOKUP];
@@ -34,6 +36,7 @@ int main(int argc, char **argv)
     int ro;
 
     cfg.domains = g_hash_table_new(g_str_hash, g_str_equal);
+    g_hash_table_insert(cfg.domains, (char *)"bench", g_new0(DomainPolicy, 1));
     cfg.state_path = g_build_filename(dir, "state", NULL);
     if (!broker_init(&b, &cfg, &err)) {
         fprintf(stderr, "%s\n", err->message);
@@ -41,7 +44,10 @@ int main(int argc, char **argv)
     }
     strcpy(h.domain, "bench");
     c = broker_client_new(&b, -1, getpid(), 0, 0);
-    broker_hello(&b, c, &h, -1, NULL, &reply, &ro, &msg);
+    if (broker_hello(&b, c, &h, NULL, &reply, &ro, &msg, &auth_failed)) {
+        fprintf(stderr, "hello: %s\n", msg);
+        return 1;
+    }
     start = g_get_monotonic_time();
     end = start + seconds * G_USEC_PER_SEC;
     for (uint64_t round = 0; g_get_monotonic_time() < end; round++) {
@@ -62,7 +68,6 @@ int main(int argc, char **argv)
     }
     printf("lookups %llu seconds %.3f\n", (unsigned long long)lookups,
            (g_get_monotonic_time() - start) / 1e6);
-    close(ro);
     broker_destroy(&b);
     unlink(cfg.state_path);
     rmdir(dir);

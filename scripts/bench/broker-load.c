@@ -7,10 +7,12 @@
  *
  * MODE miss: hashes of pages the broker has seen before from this client
  * (the steady state of a scan: candidates seen again).  MODE hit: first
- * stores SLOTS pages, then looks them up (each hit takes a reference, given
+ * stores SLOTS pages (or finds them stored by a holder) and gives its own
+ * references back, then looks them up (each hit takes a reference, given
  * back by an UNREF per batch, which is timed too).  MODE hold: stores
  * SLOTS pages, prints "ready", and keeps its references until killed (for
- * measuring the broker's memory per slot).  Prints "lookups N seconds S".
+ * measuring the broker's memory per slot, and to keep the pages of hit
+ * runs stored).  Prints "lookups N seconds S".
  */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -61,7 +63,7 @@ int main(int argc, char **argv)
     seconds = atoi(argv[4]);
     snprintf(h.domain, sizeof(h.domain), "%s", argv[2]);
     snprintf(h.name, sizeof(h.name), "bench-%d", getpid());
-    if (qd_client_open(&c, argv[1], &h, -1, &err)) {
+    if (qd_client_open(&c, argv[1], &h, &err)) {
         fprintf(stderr, "connect: %s\n", err.message);
         return 1;
     }
@@ -75,7 +77,7 @@ int main(int argc, char **argv)
             const void *pp[QD_MAX_PUBLISH];
             QdLookupEntry pe[QD_MAX_PUBLISH];
             QdResult pr[QD_MAX_PUBLISH];
-            uint32_t k = 0;
+            uint32_t k = 0, nheld = 0;
 
             for (uint32_t i = 0; i < QD_MAX_PUBLISH; i++) {
                 page_of(pages[i], base + i);
@@ -90,11 +92,23 @@ int main(int argc, char **argv)
                     pe[k] = e[i];
                     pe[k].cookie++;
                     pp[k++] = pages[i];
+                } else {
+                    slots[nheld++] = r[i].slot;
                 }
             }
             if (k && (qd_client_lookup(&c, pe, k, r, &err) ||
                       qd_client_publish(&c, pe, pp, k, pr, &err))) {
                 fprintf(stderr, "populate: %s\n", err.message);
+                return 1;
+            }
+            for (uint32_t j = 0; j < k; j++) {
+                if (pr[j].result == QD_RESULT_STORED || pr[j].result == QD_RESULT_HIT) {
+                    slots[nheld++] = pr[j].slot;
+                }
+            }
+            /* One reference per slot and client: ours go, the holder's stay. */
+            if (!hold && nheld && qd_client_unref(&c, slots, nheld, &err)) {
+                fprintf(stderr, "populate unref: %s\n", err.message);
                 return 1;
             }
         }

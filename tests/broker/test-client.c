@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "qdedup/client.h"
+#include "qdedup/slot-uses.h"
 #include "qdedup/transport.h"
 
 #define PAGE QD_PAGE_SIZE
@@ -38,6 +39,7 @@
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 
 static QdClient client;
+static QdSlotUses uses;         /* our pages per slot: one broker reference each slot */
 static uint8_t *region;         /* the "guest RAM" */
 static uint8_t *expect;         /* what each page must hold */
 static uint64_t *slot_of;       /* merged slot of each page, or NO_SLOT */
@@ -96,6 +98,14 @@ static void cmd_fill(uint32_t n, uint64_t seed, int uniform)
     reply("{\"ok\": true, \"pages\": %u}", n);
 }
 
+/* A reference the broker answered with that no page will use: give it back. */
+static int unused_ref(uint64_t slot)
+{
+    QdError err;
+
+    return qd_slot_uses_count(&uses, slot) ? 0 : qd_client_unref(&client, &slot, 1, &err);
+}
+
 /* Map slot over page i if the slot holds exactly the page (the engine's
  * compare step); otherwise give the reference back. */
 static int map_slot(uint32_t i, uint64_t slot, uint32_t *merged, uint32_t *differ)
@@ -108,11 +118,10 @@ static int map_slot(uint32_t i, uint64_t slot, uint32_t *merged, uint32_t *diffe
         munmap(check, PAGE);
     }
     if (!same || qd_client_map(&client, page, slot, 1) == MAP_FAILED) {
-        QdError err;
-
         (*differ)++;
-        return qd_client_unref(&client, &slot, 1, &err);
+        return unused_ref(slot);
     }
+    qd_slot_uses_add(&uses, slot);
     slot_of[i] = slot;
     hash_of[i] = qd_hash_page(expect + (size_t)i * PAGE);
     (*merged)++;
@@ -145,8 +154,8 @@ static void cmd_merge(void)
     for (uint32_t i = 0; i < npages; i++) {
         count[r[i].result]++;
         if (slot_of[i] != NO_SLOT && r[i].result == QD_RESULT_HIT) {
-            /* Already merged: give the extra reference back. */
-            qd_client_unref(&client, &r[i].slot, 1, &err);
+            /* Already merged: a hit of a slot we use took nothing. */
+            unused_ref(r[i].slot);
         } else if (r[i].result == QD_RESULT_HIT) {
             map_slot(i, r[i].slot, &merged, &differ);
         } else if (r[i].result == QD_RESULT_PUBLISH) {
@@ -297,7 +306,9 @@ static void cmd_unref_all(void)
             mmap(page, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
                  -1, 0);
             memcpy(page, copy, PAGE);
-            slots[n++] = slot_of[i];
+            if (qd_slot_uses_drop(&uses, slot_of[i]) == 0) {
+                slots[n++] = slot_of[i];
+            }
             slot_of[i] = NO_SLOT;
         }
         if (n == QD_MAX_UNREF || (i == npages && n)) {
@@ -334,12 +345,16 @@ static void cmd_garbage(void)
     }
 }
 
-/* HELLO as name in domain (with secret, may be NULL), handing back hand_back. */
+/*
+ * HELLO as name in domain (with secret, may be NULL), handing back the pool
+ * we hold as descriptor hand_back (the broker looks at it through /proc).
+ */
 static int do_connect(const char *path, int hand_back, const char *secret)
 {
     QdHello h = { .version = QD_PROTO_VERSION, .pid = getpid(),
                   .flags = hand_back >= 0 ? QD_HELLO_RECONNECT : 0 };
     QdError err = { 0 };
+    struct stat st;
     int ret;
 
     snprintf(h.name, sizeof(h.name), "%s", name);
@@ -347,9 +362,16 @@ static int do_connect(const char *path, int hand_back, const char *secret)
     if (secret) {
         h.secret_len = snprintf((char *)h.secret, sizeof(h.secret), "%s", secret);
     }
-    ret = qd_client_open(&client, path, &h, hand_back, &err);
+    if (hand_back >= 0 && fstat(hand_back, &st) == 0) {
+        h.pool_fd = hand_back;
+        h.pool_dev = st.st_dev;
+        h.pool_ino = st.st_ino;
+    }
+    ret = qd_client_open(&client, path, &h, &err);
     if (ret) {
         fail_reply("connect", ret, &err);
+    } else if (!uses.chunks && qd_slot_uses_init(&uses, client.info.pool_slots) < 0) {
+        ret = -ENOMEM;
     }
     return ret;
 }
@@ -370,8 +392,18 @@ static void cmd_reconnect(const char *path)
     close(old_pool);
     if (!(client.info.flags & QD_REPLY_REFS_KEPT)) {
         for (uint32_t i = 0; i <= npages; i++) {
-            if (i < npages && slot_of[i] != NO_SLOT) {
-                e[n++] = (QdRestoreEntry) { .slot = slot_of[i], .hash = hash_of[i] };
+            /* One entry per slot: the first page that maps it. */
+            if (i < npages && slot_of[i] != NO_SLOT &&
+                qd_slot_uses_count(&uses, slot_of[i]) &&
+                !(n && e[n - 1].slot == slot_of[i])) {
+                int first = 1;
+
+                for (uint32_t j = 0; j < i && first; j++) {
+                    first = slot_of[j] != slot_of[i];
+                }
+                if (first) {
+                    e[n++] = (QdRestoreEntry) { .slot = slot_of[i], .hash = hash_of[i] };
+                }
             }
             if (n == QD_MAX_RESTORE || (i == npages && n)) {
                 int ret = qd_client_restore(&client, e, n, r, &err);
@@ -413,7 +445,7 @@ static void cmd_lookup_only(void)
     for (uint32_t i = 0; i < n; i++) {
         count[r[i].result]++;
         if (r[i].result == QD_RESULT_HIT) {
-            qd_client_unref(&client, &r[i].slot, 1, &err);
+            unused_ref(r[i].slot);
         }
     }
     reply("{\"ok\": true, \"miss\": %u, \"hit\": %u, \"publish\": %u}",

@@ -64,7 +64,7 @@ try:
     def broker_refs():
         for c in broker_ctl(CTL, control, "clients") or []:
             if c["pid"] == q.proc.pid:
-                return c["pages-mapped"]
+                return c["slots"]
         return None
 
     for i in range(SHARED):

@@ -15,7 +15,7 @@ static QdHash hash_n(uint64_t n)
 static size_t sample_hello(uint8_t *b, size_t size)
 {
     QdHello h = { .version = QD_PROTO_VERSION, .flags = QD_HELLO_RECONNECT, .pid = 4242,
-                  .secret_len = 3, .pool_dev = 7, .pool_ino = 99 };
+                  .secret_len = 3, .pool_dev = 7, .pool_ino = 99, .pool_fd = 7 };
 
     memset(h.uuid, 0xab, sizeof(h.uuid));
     strcpy(h.name, "vm-one");
@@ -41,6 +41,7 @@ static void test_hello(void)
     g_assert_cmpmem(m.u.hello.secret, 3, "abc", 3);
     g_assert_cmpuint(m.u.hello.uuid[15], ==, 0xab);
     g_assert_cmpuint(m.u.hello.pool_ino, ==, 99);
+    g_assert_cmpuint(m.u.hello.pool_fd, ==, 7);
 }
 
 static void test_hello_reply(void)
