@@ -385,7 +385,7 @@ gboolean config_load(BrokerConfig *cfg, int *argc, char ***argv, GError **errp)
 {
     g_autofree char *socket = NULL, *control = NULL, *state = NULL, *config = NULL;
     g_autofree char *pool_max = NULL, *client_quota = NULL;
-    g_auto(GStrv) allow_uids = NULL, allow_gids = NULL;
+    g_auto(GStrv) allow_uids = NULL, allow_gids = NULL, domains = NULL;
     gboolean verbose = FALSE, version = FALSE;
     GOptionEntry entries[] = {
         { "socket", 0, 0, G_OPTION_ARG_FILENAME, &socket,
@@ -402,6 +402,9 @@ gboolean config_load(BrokerConfig *cfg, int *argc, char ***argv, GError **errp)
           "also accept clients of this user (repeatable)", "USER" },
         { "allow-gid", 0, 0, G_OPTION_ARG_STRING_ARRAY, &allow_gids,
           "also accept clients of this group (repeatable)", "GROUP" },
+        { "domain", 0, 0, G_OPTION_ARG_STRING_ARRAY, &domains,
+          "declare trust domain NAME, open to every client admitted (repeatable; "
+          "[domain NAME] in the file can restrict it)", "NAME" },
         { "state", 0, 0, G_OPTION_ARG_FILENAME, &state,
           "pool identity file kept across restarts [SOCKET.state]", "PATH" },
         { "verbose", 'v', 0, G_OPTION_ARG_NONE, &verbose, "log every client", NULL },
@@ -487,6 +490,21 @@ gboolean config_load(BrokerConfig *cfg, int *argc, char ***argv, GError **errp)
     if (!parse_ids("--allow-uid", FALSE, allow_uids, &cfg->allow_uids, errp) ||
         !parse_ids("--allow-gid", TRUE, allow_gids, &cfg->allow_gids, errp)) {
         return FALSE;
+    }
+    for (char **d = domains; d && *d; d++) {
+        DomainPolicy *p;
+
+        if (!**d || strlen(*d) > QD_NAME_MAX) {
+            g_set_error(errp, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                        "--domain: a domain name has 1 to %u characters", QD_NAME_MAX);
+            return FALSE;
+        }
+        if (g_hash_table_contains(cfg->domains, *d)) {
+            continue;       /* the file's [domain NAME] says more */
+        }
+        p = g_new0(DomainPolicy, 1);
+        p->name = g_strdup(*d);
+        g_hash_table_insert(cfg->domains, p->name, p);
     }
     if (!cfg->control_uids) {
         cfg->control_uids = g_array_new(FALSE, FALSE, sizeof(guint));

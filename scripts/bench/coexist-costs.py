@@ -84,7 +84,7 @@ def job(q, name, **kw):
 
 def run(dedup):
     res = {}
-    broker, bsock, _ = start_broker(BROKER, tmp, "--pool-max=1G")
+    broker, bsock, _ = start_broker(BROKER, tmp, "--pool-max=1G", "--domain=costs")
     vms = []
     try:
         a = guest("a", 1, dedup, bsock)

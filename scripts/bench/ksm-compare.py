@@ -151,7 +151,7 @@ class Run:
             self.broker = subprocess.Popen(
                 [os.path.join(a.own_build, "broker", "qemu-dedup-broker"),
                  f"--socket={self.bsock}", f"--control={self.tmp}/control.sock",
-                 f"--pool-max={a.guests * a.mem}M"],
+                 f"--pool-max={a.guests * a.mem}M", "--domain=bench"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             while not os.path.exists(f"{self.tmp}/control.sock"):
                 time.sleep(0.05)

@@ -107,7 +107,8 @@ def main():
 
     bsock, control = os.path.join(tmp, "broker.sock"), os.path.join(tmp, "control.sock")
     try:
-        start([BROKER, f"--socket={bsock}", f"--control={control}", "--pool-max=2G"],
+        start([BROKER, f"--socket={bsock}", f"--control={control}", "--pool-max=2G",
+               *sorted({f"--domain={domain}" for _, domain, _ in guests})],
               "broker.log")
         qmps = []
         for name, domain, params in guests:

@@ -48,7 +48,7 @@ def start(listen_pid_of_child=True):
         env = dict(os.environ, LISTEN_FDS="1", LISTEN_FDNAMES="broker",
                    LISTEN_PID=str(os.getpid() if listen_pid_of_child else 1))
         os.execve(BROKER, [BROKER, f"--socket={path}", f"--control={control}",
-                           "--pool-max=16M"], env)
+                           "--pool-max=16M", "--domain=act"], env)
     listener.close()
     deadline = time.monotonic() + 10
     while not os.path.exists(control) and time.monotonic() < deadline:

@@ -20,7 +20,7 @@ build = sys.argv[1]
 t = Tap()
 tmp = tempfile.mkdtemp(prefix="qdedup-engine-rewrite-")
 broker, sock, control = start_broker(os.path.join(build, "broker", "qemu-dedup-broker"),
-                                     tmp, "--pool-max=64M")
+                                     tmp, "--pool-max=64M", "--domain=rewrite")
 ctl = os.path.join(build, "tools", "qemu-dedup-ctl")
 try:
     t.check(broker.poll() is None and os.path.exists(control), "broker started")

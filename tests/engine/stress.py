@@ -32,7 +32,7 @@ tmp = tempfile.mkdtemp(prefix="qdedup-engine-stress-")
 sock = os.path.join(tmp, "broker.sock")
 control = os.path.join(tmp, "control.sock")
 log = open(os.path.join(tmp, "broker.log"), "w")
-broker = subprocess.Popen([BROKER, "--pool-max=256M", f"--socket={sock}",
+broker = subprocess.Popen([BROKER, "--pool-max=256M", "--domain=stress", f"--socket={sock}",
                            f"--control={control}"], stdout=log, stderr=subprocess.STDOUT)
 
 

@@ -270,7 +270,7 @@ try:
         os.chmod(os.path.join(tmp, f), 0o644)
     write(f"{tmp}/broker.conf", "[broker]\nsocket-mode=0666\nallow-gids=kvm\n")
     broker, bsock, control = start_broker(os.path.join(own, "broker", "qemu-dedup-broker"),
-                                          tmp, f"--config={tmp}/broker.conf", "--pool-max=256M")
+                                          tmp, f"--config={tmp}/broker.conf", "--pool-max=256M", "--domain=libvirt")
     t.check(broker.poll() is None, "broker started (clients of group kvm allowed)")
 
     libvirtd = start_libvirtd("root", "root")

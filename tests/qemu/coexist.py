@@ -142,7 +142,7 @@ def discard_check(q, name, log_from):
             "discarded read zeros", nonzero[:10])
 
 
-broker = subprocess.Popen([BROKER, "--pool-max=256M", f"--socket={bsock}",
+broker = subprocess.Popen([BROKER, "--pool-max=256M", "--domain=coexist", f"--socket={bsock}",
                            f"--control={control}"],
                           stdout=open(os.path.join(tmp, "broker.log"), "w"),
                           stderr=subprocess.STDOUT)

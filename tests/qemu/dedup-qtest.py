@@ -50,7 +50,7 @@ def ctl(what):
     return broker_ctl(CTL, control, what)
 
 
-broker = subprocess.Popen([BROKER, "--pool-max=64M", f"--socket={bsock}",
+broker = subprocess.Popen([BROKER, "--pool-max=64M", "--domain=qtest", f"--socket={bsock}",
                            f"--control={control}"], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
 vms = []

@@ -39,7 +39,7 @@ control = os.path.join(tmp, "control.sock")
 def start_broker():
     if os.path.exists(control):
         os.unlink(control)
-    b = subprocess.Popen([BROKER, "--pool-max=256M", f"--socket={bsock}",
+    b = subprocess.Popen([BROKER, "--pool-max=256M", "--domain=tcg", f"--socket={bsock}",
                           f"--control={control}"],
                          stdout=open(os.path.join(tmp, "broker.log"), "a"),
                          stderr=subprocess.STDOUT)

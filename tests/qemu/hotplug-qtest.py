@@ -46,7 +46,7 @@ def wait_for(cond, timeout):
 
 
 broker, bsock, control = start_broker(os.path.join(own, "broker", "qemu-dedup-broker"),
-                                      tmp, "--pool-max=64M")
+                                      tmp, "--pool-max=64M", "--domain=hotplug")
 q = None
 try:
     qt = QTest(os.path.join(tmp, "qtest.sock"))
