@@ -213,6 +213,22 @@ static const char *memory_dedup_refuse(MemoryDedup *md, RAMBlock *rb)
     return NULL;
 }
 
+/*
+ * Does QEMU keep the block out of core dumps (backend "dump=off", or machine
+ * dump-guest-core=off)?  Then so must every mapping the engine puts there:
+ * a merged page's VMA is new, and a host core dump must hold no guest page.
+ */
+static bool memory_dedup_dontdump(RAMBlock *rb)
+{
+    Object *owner = memory_region_owner(rb->mr);
+
+    if (owner && object_dynamic_cast(owner, TYPE_MEMORY_BACKEND) &&
+        !object_property_get_bool(owner, "dump", NULL)) {
+        return true;
+    }
+    return current_machine && !machine_dump_guest_core(current_machine);
+}
+
 /* QEMU's KSM setting for the block (backend "merge", or machine mem-merge). */
 static bool memory_dedup_ksm_wanted(RAMBlock *rb)
 {
@@ -244,7 +260,9 @@ static void memory_dedup_ram_added(RAMBlockNotifier *n, void *host, size_t size,
         return;
     }
     if (dedup_engine_add_region(md->engine, rb->idstr, rb->host, rb->used_length,
-                                DEDUP_REGION_DONTFORK, &err) < 0) {
+                                DEDUP_REGION_DONTFORK |
+                                (memory_dedup_dontdump(rb) ? DEDUP_REGION_DONTDUMP : 0),
+                                &err) < 0) {
         warn_report("memory-dedup '%s': %s", memory_dedup_id(md), err);
         g_ptr_array_add(md->refused, g_strdup_printf("%s: %s", rb->idstr, err));
         g_free(err);

@@ -27,6 +27,7 @@ qemu-system-x86_64 as <emulator> and the test image, it:
 
 Usage: e2e.py QEMU_BUILD_DIR OWN_BUILD_DIR GUEST_DIR SOURCE_DIR"""
 
+import grp
 import json
 import os
 import pwd
@@ -111,7 +112,9 @@ def domain_xml(name, ns=NS, memory_backing=""):
   </devices>
   <qemu:commandline>
     <qemu:arg value='-object'/>
-    <qemu:arg value='memory-dedup,id=d0,broker={tmp}/broker.sock,domain=libvirt'/>
+    <qemu:arg value='secret,id=dedup-secret0,file={tmp}/libvirt.secret'/>
+    <qemu:arg value='-object'/>
+    <qemu:arg value='memory-dedup,id=d0,broker={tmp}/broker.sock,domain=libvirt,secret=dedup-secret0'/>
   </qemu:commandline>
 </domain>
 """
@@ -268,9 +271,15 @@ try:
     for f in ("vmlinuz", "initramfs.cpio.gz"):
         shutil.copy(os.path.join(guest, f), tmp)
         os.chmod(os.path.join(tmp, f), 0o644)
-    write(f"{tmp}/broker.conf", "[broker]\nsocket-mode=0666\nallow-gids=kvm\n")
+    # The domain's secret, as docs/libvirt.md sets it up: QEMU (group kvm)
+    # reads it through a secret object, the broker through secret-file.
+    write(f"{tmp}/libvirt.secret", "qdedup-e2e-" + os.urandom(12).hex() + "\n")
+    os.chown(f"{tmp}/libvirt.secret", 0, grp.getgrnam("kvm").gr_gid)
+    os.chmod(f"{tmp}/libvirt.secret", 0o640)
+    write(f"{tmp}/broker.conf", "[broker]\nsocket-mode=0666\nallow-gids=kvm\n\n"
+          f"[domain libvirt]\nsecret-file={tmp}/libvirt.secret\n")
     broker, bsock, control = start_broker(os.path.join(own, "broker", "qemu-dedup-broker"),
-                                          tmp, f"--config={tmp}/broker.conf", "--pool-max=256M", "--domain=libvirt")
+                                          tmp, f"--config={tmp}/broker.conf", "--pool-max=256M")
     t.check(broker.poll() is None, "broker started (clients of group kvm allowed)")
 
     libvirtd = start_libvirtd("root", "root")
