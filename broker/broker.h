@@ -74,6 +74,7 @@ typedef struct BrokerClient {
     int pidfd;                  /* -1 if the kernel gave none (yet) */
     guint pid_watch;
     pid_t pid;
+    uint64_t start_time;        /* of the process (peer.h): pid + this = one process */
     uid_t uid;
     gid_t gid;
     char name[QD_NAME_MAX + 1];
@@ -99,11 +100,18 @@ typedef struct Broker {
     GHashTable *domain_ids;     /* id -> Domain, all */
     uint32_t next_domain_id;
     GPtrArray *pending;         /* PendingPool: the previous broker's pools */
+    /*
+     * Processes the previous broker gave a pool descriptor to (pid -> start
+     * time, from the state file): after a restart, only they can map a
+     * pool, so only their unreadable maps keep a sweep from punching.
+     */
+    GHashTable *prev_clients;
     GHashTable *clients;        /* id -> BrokerClient */
     BrokerStats stats;
     /* Recovery sweeps: one scan of /proc at a time (recovery.c). */
     gboolean scanning;
     gpointer scan_owner;        /* set while the broker lives */
+    gboolean state_dirty;       /* the state file is to be rewritten */
     gboolean stopping_state_frozen; /* stopping: the state file stays as written */
 } Broker;
 
@@ -169,7 +177,9 @@ void domain_slot_release(Broker *b, Domain *d, uint64_t slot);
 
 /* restart.c */
 void restart_read_state(Broker *b);
+/* The pools changed: rewrite the state file soon (restart_flush_state). */
 void restart_write_state(Broker *b);
+void restart_flush_state(Broker *b);
 
 /* recovery.c */
 void recovery_start(Broker *b, Domain *d);

@@ -78,6 +78,7 @@ int main(int argc, char **argv)
     control_stop(&d.control);
     /* The pools' identities stay in the state file: their clients hand them back. */
     restart_write_state(&d.broker);
+    restart_flush_state(&d.broker);
     d.broker.stopping_state_frozen = TRUE;
     broker_destroy(&d.broker);
     config_free(&cfg);

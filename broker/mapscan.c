@@ -54,8 +54,46 @@ static void scan_line(MapScan *s, pid_t pid, const char *line)
     }
 }
 
+static gint cmp_range(gconstpointer a, gconstpointer b)
+{
+    const MapRange *x = a, *y = b;
+
+    if (x->pool != y->pool) {
+        return x->pool < y->pool ? -1 : 1;
+    }
+    return x->first < y->first ? -1 : x->first > y->first;
+}
+
+/*
+ * One process's ranges from index `from` on, sorted and merged: however
+ * many VMAs it maps the pool with (a hostile one may map all of it 65,000
+ * times), the sweep then looks at each slot at most once per process.
+ */
+static void coalesce(MapScan *s, guint from)
+{
+    MapRange *r = &g_array_index(s->ranges, MapRange, from);
+    guint n = s->ranges->len - from, out = 0;
+
+    if (n < 2) {
+        return;
+    }
+    qsort(r, n, sizeof(*r), (int (*)(const void *, const void *))cmp_range);
+    for (guint i = 1; i < n; i++) {
+        MapRange *last = &r[out];
+
+        if (r[i].pool == last->pool && r[i].first <= last->first + last->n) {
+            last->n = MAX(last->n, r[i].first + r[i].n - last->first);
+        } else {
+            r[++out] = r[i];
+        }
+    }
+    g_array_set_size(s->ranges, from + out + 1);
+}
+
 static void scan_pid(MapScan *s, pid_t pid, char *buf, size_t size)
 {
+    guint from = s->ranges->len;
+
     char path[64];
     size_t have = 0;
     ssize_t n;
@@ -103,6 +141,7 @@ static void scan_pid(MapScan *s, pid_t pid, char *buf, size_t size)
         }
     }
     close(fd);
+    coalesce(s, from);
 }
 
 void mapscan_run(MapScan *s)

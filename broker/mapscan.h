@@ -32,7 +32,7 @@ typedef struct MapRange {
 typedef struct MapScan {
     GArray *pools;          /* MapScanPool, the request */
     GArray *ranges;         /* MapRange, the answer */
-    GArray *unreadable;     /* pid_t whose maps could not be read */
+    GArray *unreadable;     /* pid_t whose maps could not be read (recovery.c decides) */
 } MapScan;
 
 /*

@@ -50,6 +50,7 @@ gboolean broker_init(Broker *b, BrokerConfig *cfg, GError **errp)
     b->domain_ids = g_hash_table_new(g_direct_hash, g_direct_equal);
     b->next_domain_id = 1;
     b->pending = g_ptr_array_new();
+    b->prev_clients = g_hash_table_new_full(g_direct_hash, g_direct_equal, NULL, g_free);
     b->clients = g_hash_table_new(g_direct_hash, g_direct_equal);
     b->scan_owner = b;
     restart_read_state(b);
@@ -118,6 +119,7 @@ void broker_destroy(Broker *b)
         pending_free(g_ptr_array_index(b->pending, i));
     }
     g_ptr_array_free(b->pending, TRUE);
+    g_hash_table_destroy(b->prev_clients);
     b->scan_owner = NULL;
 }
 
@@ -193,7 +195,12 @@ gboolean broker_client_orphan(Broker *b, BrokerClient *c)
     return TRUE;
 }
 
-/* An orphan left by this very process (alive, so its pid is its own). */
+/*
+ * An orphan left by this very process (alive, so its pid is its own).  One
+ * the broker could not watch (no pidfd) may be of an earlier process with
+ * the same pid: handing its references over is still safe, they are only
+ * released later, when this process exits.
+ */
 static BrokerClient *find_orphan(Broker *b, pid_t pid, Domain *d)
 {
     GHashTableIter it;
@@ -203,8 +210,7 @@ static BrokerClient *find_orphan(Broker *b, pid_t pid, Domain *d)
     while (g_hash_table_iter_next(&it, NULL, &v)) {
         BrokerClient *o = v;
 
-        if (o->sock < 0 && o->pid == pid && o->domain == d && o->pidfd >= 0 &&
-            peer_pidfd_alive(o->pidfd)) {
+        if (o->sock < 0 && o->pid == pid && o->domain == d && broker_process_alive(o)) {
             return o;
         }
     }
@@ -403,9 +409,11 @@ int broker_hello(Broker *b, BrokerClient *c, const QdHello *h, const GArray *gro
     }
     c->domain = d;
     d->nclients++;
+    c->start_time = peer_start_time(c->pid);
+    restart_write_state(b);     /* it may map the pool from now on: recorded */
     g_strlcpy(c->name, h->name, sizeof(c->name));
     memcpy(c->uuid, h->uuid, sizeof(c->uuid));
-    if (h->pid && h->pid != (uint32_t)c->pid) {
+    if (h->pid && h->pid != (uint32_t)c->pid && b->cfg->verbose) {
         g_message("client %u says pid %u, kernel says %d", c->id, h->pid, (int)c->pid);
     }
     refs_init(&c->refs, d->pool.max_slots);
@@ -726,6 +734,7 @@ void broker_tick(Broker *b, gint64 now)
         restart_write_state(b);
     }
     recovery_tick(b, now);
+    restart_flush_state(b);
 }
 
 MetadataBytes broker_metadata_bytes(Broker *b)

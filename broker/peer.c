@@ -113,6 +113,24 @@ int peer_take_pool(int pidfd, pid_t pid, uint32_t their_fd, uint64_t dev, uint64
     return fd;
 }
 
+uint64_t peer_start_time(pid_t pid)
+{
+    g_autofree char *path = g_strdup_printf("/proc/%d/stat", (int)pid);
+    g_autofree char *text = NULL;
+    const char *p;
+    uint64_t t = 0;
+
+    /* Field 22; the command name (field 2) may hold spaces and ')'. */
+    if (g_file_get_contents(path, &text, NULL, NULL) && (p = strrchr(text, ')'))) {
+        g_auto(GStrv) f = g_strsplit(p + 2, " ", 22);
+
+        if (g_strv_length(f) >= 20) {
+            t = g_ascii_strtoull(f[19], NULL, 10);
+        }
+    }
+    return t;
+}
+
 /* ---- the closer thread ---------------------------------------------------- */
 
 typedef struct CloseJob {

@@ -36,6 +36,12 @@ gboolean peer_holds_file(int pidfd, pid_t pid, uint32_t their_fd, int our_fd);
 int peer_take_pool(int pidfd, pid_t pid, uint32_t their_fd, uint64_t dev, uint64_t ino,
                    uid_t uid, char **msg);
 
+/*
+ * The process's start time (/proc/PID/stat, clock ticks since boot): with
+ * the pid it names one process for good.  0 if it cannot be read.
+ */
+uint64_t peer_start_time(pid_t pid);
+
 /* Close fd on the closer thread: a peer's file may take long to close. */
 void peer_close_later(int fd, uid_t uid);
 /* Descriptors of uid still waiting to be closed. */

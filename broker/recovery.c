@@ -21,6 +21,7 @@
 
 #include "broker.h"
 #include "mapscan.h"
+#include "peer.h"
 
 #define SWEEP_BACKOFF_MAX 6         /* restart-grace x 64 at most between scans */
 
@@ -145,16 +146,50 @@ static void settle_domain(Broker *b, Domain *d, MapScan *scan, guint pool, gbool
     domain_maybe_free(b, d);
 }
 
+/*
+ * Could this process map a pool?  Only if a broker gave it a descriptor:
+ * one of our clients, or one the previous broker recorded (pid and start
+ * time, restart.c).  Another process we cannot read (a container's init, a
+ * more privileged daemon) has no pool to map.
+ */
+static gboolean may_map_pools(Broker *b, pid_t pid)
+{
+    uint64_t *start = g_hash_table_lookup(b->prev_clients, GUINT_TO_POINTER((guint)pid));
+    GHashTableIter it;
+    gpointer v;
+
+    if (start && (!*start || *start == peer_start_time(pid))) {
+        return TRUE;
+    }
+    g_hash_table_iter_init(&it, b->clients);
+    while (g_hash_table_iter_next(&it, NULL, &v)) {
+        if (((BrokerClient *)v)->pid == pid) {
+            return TRUE;
+        }
+    }
+    return FALSE;
+}
+
 static void scan_done(MapScan *scan, gpointer opaque)
 {
     Broker *b = opaque;
-    gboolean complete = scan->unreadable->len == 0;
+    guint blind = 0;
+    pid_t first = 0;
+    gboolean complete;
 
     b->scanning = FALSE;
+    for (guint i = 0; i < scan->unreadable->len; i++) {
+        pid_t pid = g_array_index(scan->unreadable, pid_t, i);
+
+        if (may_map_pools(b, pid)) {
+            first = blind++ ? first : pid;
+        }
+    }
+    complete = blind == 0;
     if (!complete) {
-        g_warning("recovery: cannot read /proc/PID/maps of %u processes (pid %d first): "
+        g_warning("recovery: cannot read /proc/PID/maps of %u clients (pid %d first): "
                   "held slots stay held (the broker needs root or CAP_SYS_PTRACE)",
-                  scan->unreadable->len, g_array_index(scan->unreadable, pid_t, 0));
+                  blind, (int)first);
     }
     for (guint i = 0; i < scan->pools->len; i++) {
         MapScanPool *p = &g_array_index(scan->pools, MapScanPool, i);

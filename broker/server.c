@@ -81,9 +81,12 @@ static gboolean send_reply(Server *s, BrokerClient *c, size_t len, int fd)
 static gboolean send_error(Server *s, BrokerClient *c, uint32_t seq, uint32_t code,
                            const char *msg)
 {
-    if (s->broker->cfg->verbose || code == QD_ERR_PROTOCOL) {
+    if (s->broker->cfg->verbose) {
         g_message("client %u (pid %d): %s error: %s", c->id, (int)c->pid,
                   qd_error_name(code), msg);
+    } else if (code == QD_ERR_PROTOCOL) {
+        log_limited(&s->protocol_log, "client %u (pid %d uid %u): protocol error: %s",
+                    c->id, (int)c->pid, (unsigned)c->uid, msg);
     }
     return send_reply(s, c, qd_encode_error(buf, sizeof(buf), seq, code, msg), -1);
 }
@@ -649,6 +652,7 @@ gboolean server_start(Server *s, Broker *b, GError **errp)
     s->auth_log.per_minute = 20;
     s->refuse_log.per_minute = 20;
     s->fd_log.per_minute = 10;
+    s->protocol_log.per_minute = 20;
     s->max_clients = fit_clients(b->cfg);
     s->sock = activation_take("broker", SOCK_SEQPACKET);
     s->activated = s->sock >= 0;

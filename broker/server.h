@@ -16,7 +16,7 @@ typedef struct Server {
     guint resume;           /* accept paused (out of descriptors) until this fires */
     Limits limits;
     guint max_clients;      /* connections and orphans, from RLIMIT_NOFILE */
-    LogLimiter auth_log, refuse_log, fd_log;
+    LogLimiter auth_log, refuse_log, fd_log, protocol_log;
 } Server;
 
 gboolean server_start(Server *s, Broker *b, GError **errp);

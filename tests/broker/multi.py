@@ -277,6 +277,8 @@ try:
     time.sleep(4)       # restart-grace: unclaimed slots are freed
     st = ctl("stats")
     t.equal(st["slots-used"], used, "no slot lost, none leaked")
+    t.equal((st["slots-held"], st["domains-recovering"]), (0, 0),
+            "the recovery sweep settled every held slot (the kernel's maps)")
     r = Client("vm-late").connect("blue")
     t.check(r["ok"], "new clients are welcome after the restart")
     d = Client("vm-d")

@@ -8,10 +8,14 @@
 #include <errno.h>
 #include <glib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "broker.h"
+#include "mapscan.h"
 #include "qdedup/slot-uses.h"
 
 static const uint8_t *scratch_zero(void)
@@ -192,6 +196,55 @@ static void test_pool_full(void)
     g_assert_cmpuint(pool_alloc_run(&p, 1), ==, POOL_NO_SLOT);
     pool_free(&p, 40);
     g_assert_cmpuint(pool_alloc_run(&p, 1), ==, 40);
+    pool_destroy(&p);
+}
+
+/* ---- who maps the pool: /proc/PID/maps ---------------------------------------- */
+
+/* A child maps slots 3..5 and 9 privately, and the whole pool shared. */
+static void test_mapscan(void)
+{
+    g_autoptr(GError) err = NULL;
+    MapScan *scan = mapscan_new();
+    MapScanPool mp;
+    int ready[2];
+    Pool p;
+    pid_t child;
+    char c;
+
+    g_assert_true(pool_create(&p, 64, &err));
+    g_assert_cmpint(pipe(ready), ==, 0);
+    child = fork();
+    if (child == 0) {
+        void *a = mmap(NULL, 3 * QD_PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE,
+                       p.ro_fd, 3 * QD_PAGE_SIZE);
+        void *b = mmap(NULL, QD_PAGE_SIZE, PROT_READ, MAP_PRIVATE, p.ro_fd,
+                       9 * QD_PAGE_SIZE);
+        void *v = mmap(NULL, 64 * QD_PAGE_SIZE, PROT_READ, MAP_SHARED, p.ro_fd, 0);
+
+        if (write(ready[1], a != MAP_FAILED && b != MAP_FAILED && v != MAP_FAILED ? "y" : "n",
+                  1) != 1) {
+            _exit(1);
+        }
+        pause();
+        _exit(0);
+    }
+    g_assert_cmpint(read(ready[0], &c, 1), ==, 1);
+    g_assert_cmpint(c, ==, 'y');
+    mp = (MapScanPool) { p.dev, p.ino, 1 };
+    g_array_append_val(scan->pools, mp);
+    mapscan_run(scan);
+    kill(child, SIGKILL);
+    waitpid(child, NULL, 0);
+    g_assert_cmpuint(scan->ranges->len, ==, 2);     /* the shared view is left out */
+    g_assert_cmpint(g_array_index(scan->ranges, MapRange, 0).pid, ==, child);
+    g_assert_cmpuint(g_array_index(scan->ranges, MapRange, 0).first, ==, 3);
+    g_assert_cmpuint(g_array_index(scan->ranges, MapRange, 0).n, ==, 3);
+    g_assert_cmpuint(g_array_index(scan->ranges, MapRange, 1).first, ==, 9);
+    g_assert_cmpuint(g_array_index(scan->ranges, MapRange, 1).n, ==, 1);
+    mapscan_free(scan);
+    close(ready[0]);
+    close(ready[1]);
     pool_destroy(&p);
 }
 
@@ -545,6 +598,7 @@ int main(int argc, char **argv)
     g_test_add_func("/broker/pool", test_pool);
     g_test_add_func("/broker/pool-adopt", test_pool_adopt);
     g_test_add_func("/broker/pool-full", test_pool_full);
+    g_test_add_func("/broker/mapscan", test_mapscan);
     g_test_add_func("/broker/refs", test_refs);
     g_test_add_func("/broker/slot-uses", test_slot_uses);
     g_test_add_func("/broker/candidates", test_candidates);
