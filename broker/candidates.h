@@ -63,6 +63,12 @@ void candidates_forget(Candidates *c, uint64_t kh);
 /* Start a new generation; the one before the current is dropped. */
 void candidates_rotate(Candidates *c);
 uint64_t candidates_count(const Candidates *c);
+
+/* Start fetching the cell a check of kh will look at first. */
+static inline void candidates_prefetch(const Candidates *c, uint64_t kh)
+{
+    __builtin_prefetch(&c->cur.cells[kh & c->cur.mask]);
+}
 uint64_t candidates_bytes(const Candidates *c);
 
 #endif

@@ -33,4 +33,10 @@ void index_insert(HashIndex *ix, const SlotTable *st, uint64_t slot);
 void index_remove(HashIndex *ix, const SlotTable *st, uint64_t slot);
 uint64_t index_bytes(const HashIndex *ix);
 
+/* Start fetching the cell a find of kh will look at first. */
+static inline void index_prefetch(const HashIndex *ix, uint64_t kh)
+{
+    __builtin_prefetch(&ix->cells[kh & ix->mask]);
+}
+
 #endif

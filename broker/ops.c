@@ -459,16 +459,39 @@ static void take_ref(Domain *d, BrokerClient *c, uint64_t slot)
     }
 }
 
+/* Entries ahead whose table cells are fetched while one is looked up. */
+#define PREFETCH_AHEAD 8
+
 void broker_lookup(Broker *b, BrokerClient *c, const QdMessage *m, QdResult *out)
 {
     Domain *d = c->domain;
+    uint64_t khs[QD_MAX_LOOKUP];
+    uint32_t n = MIN(m->u.array.count, QD_MAX_LOOKUP);
 
-    for (uint32_t i = 0; i < m->u.array.count; i++) {
+    /*
+     * Keyed positions are random, so each lookup would wait for a cache
+     * miss or two: compute them all first and fetch the cells a few
+     * entries ahead, so that the misses overlap.
+     */
+    for (uint32_t i = 0; i < n; i++) {
         QdLookupEntry e;
-        uint64_t slot, kh;
 
         qd_lookup_entry_at(m, i, &e);
-        kh = keyed_hash(&b->key, e.hash);
+        khs[i] = keyed_hash(&b->key, e.hash);
+        if (i < PREFETCH_AHEAD) {
+            index_prefetch(&d->index, khs[i]);
+            candidates_prefetch(&d->cand, khs[i]);
+        }
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        QdLookupEntry e;
+        uint64_t slot, kh = khs[i];
+
+        if (i + PREFETCH_AHEAD < n) {
+            index_prefetch(&d->index, khs[i + PREFETCH_AHEAD]);
+            candidates_prefetch(&d->cand, khs[i + PREFETCH_AHEAD]);
+        }
+        qd_lookup_entry_at(m, i, &e);
         out[i] = (QdResult) { .result = QD_RESULT_MISS };
         slot = index_find(&d->index, &d->slots, e.hash, kh);
         if (slot != INDEX_NONE) {
@@ -502,9 +525,9 @@ void broker_lookup(Broker *b, BrokerClient *c, const QdMessage *m, QdResult *out
             break;
         }
     }
-    c->lookups += m->u.array.count;
-    d->lookups += m->u.array.count;
-    b->stats.lookups += m->u.array.count;
+    c->lookups += n;
+    d->lookups += n;
+    b->stats.lookups += n;
 }
 
 void broker_publish_plan(Broker *b, BrokerClient *c, const QdMessage *m,
