@@ -194,10 +194,11 @@ static void handle_hello(Server *s, BrokerClient *c, const QdMessage *m, const G
     int ro_fd = -1;
     int code;
 
-    if (named && !limits_auth_allowed(&s->limits, c->uid, now, &wait_s)) {
+    if (named && !limits_auth_allowed(&s->limits, c->uid, h->domain, now, &wait_s)) {
         /* Not even compared: a guesser gets auth-failures tries a minute. */
         msg = g_strdup_printf("too many failed authentications from uid %u: retry in %u s",
                               (unsigned)c->uid, wait_s);
+        /* DENIED, so that the engine waits long before it tries again. */
         log_limited(&s->auth_log, "refused pid %d uid %u (domain '%s'): %s", (int)c->pid,
                     (unsigned)c->uid, h->domain, msg);
         s->broker->stats.auth_failures++;
@@ -215,7 +216,7 @@ static void handle_hello(Server *s, BrokerClient *c, const QdMessage *m, const G
     code = broker_hello(s->broker, c, h, groups, &reply, &ro_fd, &msg, &auth_failed);
     if (code) {
         if (auth_failed) {
-            limits_auth_failed(&s->limits, c->uid, now);
+            limits_auth_failed(&s->limits, c->uid, h->domain, now);
             s->broker->stats.auth_failures++;
             log_limited(&s->auth_log, "authentication failed: pid %d uid %u: %s",
                         (int)c->pid, (unsigned)c->uid, msg);

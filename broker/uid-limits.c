@@ -4,15 +4,19 @@
 
 #include "uid-limits.h"
 
+#define UID_AUTH_FACTOR 4       /* per user, over all domains */
+
 void limits_init(Limits *l, guint auth_per_minute)
 {
     l->uids = g_hash_table_new_full(g_direct_hash, g_direct_equal, NULL, g_free);
+    l->auth = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
     l->auth_per_minute = auth_per_minute;
 }
 
 void limits_destroy(Limits *l)
 {
     g_hash_table_destroy(l->uids);
+    g_hash_table_destroy(l->auth);
 }
 
 UidUsage *limits_uid(Limits *l, uid_t uid)
@@ -22,19 +26,39 @@ UidUsage *limits_uid(Limits *l, uid_t uid)
     if (!u) {
         u = g_new0(UidUsage, 1);
         u->uid = uid;
-        u->auth_tokens = l->auth_per_minute;
-        u->auth_refilled = g_get_monotonic_time();
+        u->auth.tokens = l->auth_per_minute * UID_AUTH_FACTOR;
+        u->auth.refilled = g_get_monotonic_time();
         g_hash_table_insert(l->uids, GUINT_TO_POINTER(uid), u);
     }
     return u;
 }
 
-static void refill(Limits *l, UidUsage *u, gint64 now)
+static void refill(AuthBucket *a, double per_minute, gint64 now)
 {
-    u->auth_tokens = MIN((double)l->auth_per_minute, u->auth_tokens +
-                         (now - u->auth_refilled) * (double)l->auth_per_minute /
-                         (60.0 * G_USEC_PER_SEC));
-    u->auth_refilled = now;
+    a->tokens = MIN(per_minute, a->tokens + (now - a->refilled) * per_minute /
+                                (60.0 * G_USEC_PER_SEC));
+    a->refilled = now;
+}
+
+/* The bucket of (uid, domain); made only on a failure (create), so that
+ * names a client makes up cost nothing until they fail. */
+static AuthBucket *domain_bucket(Limits *l, uid_t uid, const char *domain, gint64 now,
+                                 gboolean create)
+{
+    g_autofree char *key = g_strdup_printf("%u/%s", (unsigned)uid, domain);
+    AuthBucket *a = g_hash_table_lookup(l->auth, key);
+
+    if (!a && !create) {
+        return NULL;
+    }
+    if (!a) {
+        a = g_new0(AuthBucket, 1);
+        a->tokens = l->auth_per_minute;
+        a->refilled = now;
+        g_hash_table_insert(l->auth, g_steal_pointer(&key), a);
+    }
+    refill(a, l->auth_per_minute, now);
+    return a;
 }
 
 void limits_prune(Limits *l, gint64 now)
@@ -46,31 +70,55 @@ void limits_prune(Limits *l, gint64 now)
     while (g_hash_table_iter_next(&it, NULL, &v)) {
         UidUsage *u = v;
 
-        refill(l, u, now);
-        if (!u->connections && !u->handshakes && u->auth_tokens >= l->auth_per_minute) {
+        refill(&u->auth, l->auth_per_minute * UID_AUTH_FACTOR, now);
+        if (!u->connections && !u->handshakes &&
+            u->auth.tokens >= l->auth_per_minute * UID_AUTH_FACTOR) {
+            g_hash_table_iter_remove(&it);
+        }
+    }
+    g_hash_table_iter_init(&it, l->auth);
+    while (g_hash_table_iter_next(&it, NULL, &v)) {
+        AuthBucket *a = v;
+
+        refill(a, l->auth_per_minute, now);
+        if (a->tokens >= l->auth_per_minute) {
             g_hash_table_iter_remove(&it);
         }
     }
 }
 
-gboolean limits_auth_allowed(Limits *l, uid_t uid, gint64 now, guint *wait_s)
+static guint wait_for(const AuthBucket *a, double per_minute)
 {
-    UidUsage *u = limits_uid(l, uid);
-
-    refill(l, u, now);
-    if (u->auth_tokens >= 1) {
-        return TRUE;
-    }
-    *wait_s = (guint)((1 - u->auth_tokens) * 60 / l->auth_per_minute) + 1;
-    return FALSE;
+    return (guint)((1 - a->tokens) * 60 / per_minute) + 1;
 }
 
-void limits_auth_failed(Limits *l, uid_t uid, gint64 now)
+gboolean limits_auth_allowed(Limits *l, uid_t uid, const char *domain, gint64 now,
+                             guint *wait_s)
 {
     UidUsage *u = limits_uid(l, uid);
+    AuthBucket *a;
 
-    refill(l, u, now);
-    u->auth_tokens = MAX(0.0, u->auth_tokens - 1);
+    refill(&u->auth, l->auth_per_minute * UID_AUTH_FACTOR, now);
+    if (u->auth.tokens < 1) {
+        *wait_s = wait_for(&u->auth, l->auth_per_minute * UID_AUTH_FACTOR);
+        return FALSE;
+    }
+    a = domain_bucket(l, uid, domain, now, FALSE);
+    if (a && a->tokens < 1) {
+        *wait_s = wait_for(a, l->auth_per_minute);
+        return FALSE;
+    }
+    return TRUE;
+}
+
+void limits_auth_failed(Limits *l, uid_t uid, const char *domain, gint64 now)
+{
+    UidUsage *u = limits_uid(l, uid);
+    AuthBucket *a = domain_bucket(l, uid, domain, now, TRUE);
+
+    refill(&u->auth, l->auth_per_minute * UID_AUTH_FACTOR, now);
+    u->auth.tokens = MAX(0.0, u->auth.tokens - 1);
+    a->tokens = MAX(0.0, a->tokens - 1);
 }
 
 void log_limited(LogLimiter *ll, const char *fmt, ...)

@@ -1,10 +1,11 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * What one user may take of the broker: connections, connections that
- * have not said HELLO yet, and failed authentications (a token bucket, so
- * guessing a domain's secret gets auth-failures tries a minute).  And a
- * log limiter, so that failures are always logged but a flood of them
- * cannot flood the journal.
+ * have not said HELLO yet, and failed authentications (token buckets, so
+ * guessing a domain's secret gets auth-failures tries a minute per user and
+ * domain, and four times that per user over all domains).  And a log
+ * limiter, so that failures are always logged but a flood of them cannot
+ * flood the journal.
  */
 #ifndef QDEDUP_BROKER_LIMITS_H
 #define QDEDUP_BROKER_LIMITS_H
@@ -12,16 +13,21 @@
 #include <glib.h>
 #include <sys/types.h>
 
+typedef struct AuthBucket {
+    double tokens;          /* failed authentications still allowed */
+    gint64 refilled;        /* monotonic us */
+} AuthBucket;
+
 typedef struct UidUsage {
     uid_t uid;
     guint connections;      /* connected, with or without HELLO */
     guint handshakes;       /* connected, no HELLO yet */
-    double auth_tokens;     /* failed authentications still allowed */
-    gint64 auth_refilled;   /* monotonic us */
+    AuthBucket auth;        /* over all domains */
 } UidUsage;
 
 typedef struct Limits {
     GHashTable *uids;       /* uid -> UidUsage */
+    GHashTable *auth;       /* "uid/domain" -> AuthBucket */
     guint auth_per_minute;
 } Limits;
 
@@ -30,9 +36,10 @@ void limits_destroy(Limits *l);
 UidUsage *limits_uid(Limits *l, uid_t uid);
 /* Forget uids that hold nothing (called from time to time). */
 void limits_prune(Limits *l, gint64 now);
-/* May uid try a secret now?  If not, *wait_s says when. */
-gboolean limits_auth_allowed(Limits *l, uid_t uid, gint64 now, guint *wait_s);
-void limits_auth_failed(Limits *l, uid_t uid, gint64 now);
+/* May uid try to join domain now?  If not, *wait_s says when. */
+gboolean limits_auth_allowed(Limits *l, uid_t uid, const char *domain, gint64 now,
+                             guint *wait_s);
+void limits_auth_failed(Limits *l, uid_t uid, const char *domain, gint64 now);
 
 typedef struct LogLimiter {
     guint per_minute;

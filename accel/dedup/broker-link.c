@@ -23,6 +23,12 @@
 
 #define BACKOFF_MIN_US      (100 * 1000)
 #define BACKOFF_MAX_US      (2 * 1000 * 1000)   /* restart-grace defaults to 10 s */
+/*
+ * Refused (wrong secret, domain not declared, uid not allowed): asking
+ * again soon changes nothing, and the broker counts failed authentications
+ * per user, so a VM retrying fast would lock out the other VMs of its user.
+ */
+#define DENIED_BACKOFF_US   (60 * 1000 * 1000)
 #define REPLY_TIMEOUT_S     5
 
 const uint8_t *broker_pool_page(DedupEngine *e, uint64_t slot)
@@ -213,8 +219,12 @@ static bool broker_connect(DedupEngine *e)
         h.pool_fd = b->pool_fd;
     }
     ret = qd_client_open(&b->client, e->broker_path, &h, &err);
+    b->denied = ret == QD_ERR_DENIED;
     if (ret) {
-        if (!b->ever_connected || b->backoff_us >= BACKOFF_MAX_US) {
+        if (b->denied) {
+            g_warning("memory-dedup: the broker refused this VM: %s; trying again in %d s",
+                      err.message, DENIED_BACKOFF_US / 1000000);
+        } else if (!b->ever_connected || b->backoff_us >= BACKOFF_MAX_US) {
             g_debug("memory-dedup: broker %s: %s", e->broker_path,
                     ret > 0 ? err.message : g_strerror(-ret));
         }
@@ -280,7 +290,7 @@ bool broker_usable(DedupEngine *e)
     }
     if (!broker_connect(e)) {
         b->backoff_us = CLAMP(b->backoff_us * 2, BACKOFF_MIN_US, BACKOFF_MAX_US);
-        b->next_attempt_us = now + b->backoff_us;
+        b->next_attempt_us = now + (b->denied ? DENIED_BACKOFF_US : b->backoff_us);
         return false;
     }
     if (b->ever_connected) {

@@ -66,6 +66,7 @@ typedef struct Broker {
     int64_t next_attempt_us;
     int64_t backoff_us;
     bool ever_connected;
+    bool denied;            /* the last HELLO was refused: wait long */
 } Broker;
 
 struct DedupEngine {
