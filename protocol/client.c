@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include "qdedup/client.h"
@@ -65,6 +67,7 @@ static int copy_results(const QdMessage *m, uint32_t n, QdResult *out)
 
 int qd_client_open(QdClient *c, const char *path, const QdHello *hello, QdError *err)
 {
+    struct timeval tv = { .tv_sec = QD_CLIENT_TIMEOUT_S };
     QdMessage m;
     size_t len;
     int ret, fd = -1;
@@ -82,6 +85,9 @@ int qd_client_open(QdClient *c, const char *path, const QdHello *hello, QdError 
         c->sock = -1;
         goto fail;
     }
+    /* A broker that accepts and never answers must not hold us. */
+    setsockopt(c->sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(c->sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
     c->seq = 1;
     len = qd_encode_hello(c->buf, QD_SMALL_MSG_MAX, c->seq, hello);
     ret = len ? qd_send(c->sock, c->buf, len, NULL, 0, -1) : -EINVAL;

@@ -17,6 +17,9 @@
 
 #include "qdedup/protocol.h"
 
+/* Seconds a request (the HELLO included) waits for its reply. */
+#define QD_CLIENT_TIMEOUT_S 5
+
 typedef struct QdClient {
     int sock;
     int pool_fd;            /* read-only pool descriptor from HELLO_REPLY */
