@@ -248,7 +248,7 @@ static gboolean load_domain(BrokerConfig *cfg, GKeyFile *kf, const char *group,
                 g_prefix_error(errp, "%s: ", wk);
                 return FALSE;
             }
-            while (len && (data[len - 1] == '\n' || data[len - 1] == '\r')) {
+            while (len && g_ascii_isspace(data[len - 1])) {   /* as memory-dedup does */
                 len--;
             }
             if (len == 0 || len > QD_SECRET_MAX) {

@@ -451,6 +451,8 @@ static void memory_dedup_complete(UserCreatable *uc, Error **errp)
         if (!secret) {
             return;
         }
+        /* As the broker reads its secret-file: a trailing newline is no part of it. */
+        g_strchomp(secret);
         if (strlen(secret) > 64) {
             error_setg(errp, "memory-dedup: the secret '%s' is longer than 64 bytes",
                        md->secret_id);

@@ -216,7 +216,8 @@ def exercise(name, user):
     gone = wait_for(f"{name}: broker client gone", lambda: client_named(name) is None, 30)
     t.check(gone, f"{name}: the broker no longer lists it")
     qmp(name, "object-add", **{"qom-type": "memory-dedup", "id": "d0",
-                               "broker": f"{tmp}/broker.sock", "domain": "libvirt"})
+                               "broker": f"{tmp}/broker.sock", "domain": "libvirt",
+                               "secret": "dedup-secret0"})
     again = wait_for(f"{name}: scanning again", lambda: (qmp(name, "query-memory-dedup")
                                                          or [{}])[0].get("scanned-pages", 0)
                      > 0, 120)
