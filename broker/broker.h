@@ -82,7 +82,7 @@ typedef struct BrokerClient {
     Domain *domain;             /* NULL until HELLO succeeded */
     ClientRefs refs;
     GHashTable *wanted;         /* keyed hashes of pages we asked it to publish */
-    CandBudget cand_budget;
+    CandBudget *cand_budget;    /* its user's (Broker.budgets) */
     gint64 connected_at;        /* monotonic, us */
     uint64_t lookups, hits, misses, asked, stored, mismatches, unrefs, restored;
 } BrokerClient;
@@ -107,6 +107,8 @@ typedef struct Broker {
      */
     GHashTable *prev_clients;
     GHashTable *clients;        /* id -> BrokerClient */
+    GHashTable *budgets;        /* uid -> CandBudget, for as long as the broker runs */
+    uint64_t cand_gen;          /* candidate generations started */
     BrokerStats stats;
     /* Recovery sweeps: one scan of /proc at a time (recovery.c). */
     gboolean scanning;
@@ -121,8 +123,13 @@ void broker_destroy(Broker *b);
 BrokerClient *broker_client_new(Broker *b, int sock, pid_t pid, uid_t uid, gid_t gid);
 /* Release everything the client held and forget it. */
 void broker_client_free(Broker *b, BrokerClient *c);
-/* The connection is gone: keep the references while the process lives. */
-gboolean broker_client_orphan(Broker *b, BrokerClient *c);
+/*
+ * The connection is gone: keep the references while the process lives, as
+ * an orphan; one per process and domain (a second one is merged into the
+ * first, so that a process cannot pile them up).  FALSE if the client is
+ * to be freed; *merged says it was merged into another (and freed).
+ */
+gboolean broker_client_orphan(Broker *b, BrokerClient *c, gboolean *merged);
 /* Is the client's process still running?  TRUE when the broker cannot tell. */
 gboolean broker_process_alive(BrokerClient *c);
 

@@ -96,10 +96,10 @@ void candidates_destroy(Candidates *c)
 }
 
 /* May the client place one more entry in the current generation? */
-static gboolean budget_take(const Candidates *c, CandBudget *b)
+static gboolean budget_take(CandBudget *b, uint64_t gen)
 {
-    if (b->gen != c->gen) {
-        b->gen = c->gen;
+    if (b->gen != gen) {
+        b->gen = gen;
         b->placed = 0;
     }
     if (b->max && b->placed >= b->max) {
@@ -111,7 +111,7 @@ static gboolean budget_take(const Candidates *c, CandBudget *b)
 }
 
 CandResult candidates_check(Candidates *c, uint64_t kh, uint32_t owner, uint64_t cookie,
-                            CandBudget *budget)
+                            CandBudget *budget, uint64_t gen)
 {
     CandEntry want = { .key = kh, .owner = owner, .cookie = fold(cookie) };
     CandEntry *e = gen_find(&c->cur, want.key, &c->probes);
@@ -122,7 +122,7 @@ CandResult candidates_check(Candidates *c, uint64_t kh, uint32_t owner, uint64_t
             /* Still alive: carry it into the current generation. */
             CandEntry keep = *e;
 
-            if (!budget_take(c, budget)) {
+            if (!budget_take(budget, gen)) {
                 return CAND_SEEN;   /* it stays in prev until rotation */
             }
             gen_remove(&c->prev, e);
@@ -131,7 +131,7 @@ CandResult candidates_check(Candidates *c, uint64_t kh, uint32_t owner, uint64_t
         }
     }
     if (!e) {
-        if (!budget_take(c, budget)) {
+        if (!budget_take(budget, gen)) {
             return CAND_OVER;
         }
         gen_insert(&c->cur, want);

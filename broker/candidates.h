@@ -10,9 +10,9 @@
  * pass, so pages that changed or left do not pile up.
  *
  * Against a hostile client: entries are keyed by the broker's keyed hash
- * (keyed.h), not by hash bits a client picks, and each client may place at
- * most CandBudget.max entries per generation (so at most twice that in the
- * table); past it, its new hashes are simply not remembered.
+ * (keyed.h), not by hash bits a client picks, and each user's clients may
+ * place at most CandBudget.max entries per generation (so at most twice
+ * that in the tables); past it, their new hashes are simply not remembered.
  */
 #ifndef QDEDUP_BROKER_CANDIDATES_H
 #define QDEDUP_BROKER_CANDIDATES_H
@@ -38,9 +38,12 @@ typedef struct Candidates {
     uint64_t probes;        /* cells looked at, for the stats */
 } Candidates;
 
-/* What one client placed in the current generation. */
+/*
+ * What one user's clients placed in the current generation, over all its
+ * domains (generations turn together, broker_rotate_candidates).
+ */
 typedef struct CandBudget {
-    uint64_t gen;
+    uint64_t gen;           /* the generation counted */
     uint64_t placed;
     uint64_t max;           /* 0 = no limit */
     uint64_t refused;       /* hashes not remembered because of max */
@@ -55,9 +58,9 @@ typedef enum CandResult {
 
 void candidates_init(Candidates *c);
 void candidates_destroy(Candidates *c);
-/* kh: the keyed hash of the page hash (keyed.h). */
+/* kh: the keyed hash of the page hash (keyed.h); gen: the broker's generation. */
 CandResult candidates_check(Candidates *c, uint64_t kh, uint32_t owner, uint64_t cookie,
-                            CandBudget *budget);
+                            CandBudget *budget, uint64_t gen);
 /* Drop the hash (it is in the stable index now). */
 void candidates_forget(Candidates *c, uint64_t kh);
 /* Start a new generation; the one before the current is dropped. */

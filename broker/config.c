@@ -33,7 +33,7 @@ static const char help_description[] =
 "  numbers, separated by ';'), open-domains (true/false), candidate-lifetime,\n"
 "  restart-grace and handshake-timeout (seconds), socket-mode (octal), and\n"
 "  the limits max-domains, uid-connections, uid-handshakes, auth-failures\n"
-"  (per uid per minute) and client-candidates.  Each [domain NAME] group\n"
+"  (per uid per minute) and uid-candidates.  Each [domain NAME] group\n"
 "  declares trust domain NAME: allow-uids, allow-gids, secret-file (a file\n"
 "  whose content a client must present, e.g. from a QEMU secret object),\n"
 "  quota (size).  See docs/broker.md.\n"
@@ -272,7 +272,7 @@ static const char *const broker_keys[] = {
     "allow-uids", "allow-gids", "control-uids", "open-domains",
     "candidate-lifetime", "restart-grace", "socket-mode", "max-domains",
     "uid-connections", "uid-handshakes", "handshake-timeout", "auth-failures",
-    "client-candidates", NULL,
+    "uid-candidates", NULL,
 };
 
 static gboolean load_file(BrokerConfig *cfg, GError **errp)
@@ -361,8 +361,8 @@ static gboolean load_file(BrokerConfig *cfg, GError **errp)
                   &cfg->uid_handshakes, errp) ||
         !uint_key(f, kf, "auth-failures", 1, 1000000, "failures per minute",
                   &cfg->auth_failures, errp) ||
-        !number(f, kf, "client-candidates", 1, (guint64)1 << 40, "candidates",
-                &cfg->client_candidates, errp)) {
+        !number(f, kf, "uid-candidates", 1, (guint64)1 << 40, "candidates",
+                &cfg->uid_candidates, errp)) {
         return FALSE;
     }
     if ((v = g_key_file_get_value(kf, "broker", "socket-mode", NULL))) {
@@ -442,7 +442,7 @@ gboolean config_load(BrokerConfig *cfg, int *argc, char ***argv, GError **errp)
     cfg->uid_handshakes = 8;
     cfg->handshake_timeout = 5;
     cfg->auth_failures = 5;
-    cfg->client_candidates = 4 << 20;
+    cfg->uid_candidates = 16 << 20;
     cfg->domains = g_hash_table_new(g_str_hash, g_str_equal);
 
     if (config) {

@@ -42,7 +42,7 @@ typedef struct BrokerConfig {
     guint uid_handshakes;       /* connections per uid before HELLO */
     guint handshake_timeout;    /* seconds to say HELLO */
     guint auth_failures;        /* failed authentications per uid per minute */
-    uint64_t client_candidates; /* candidates one client may place per generation */
+    uint64_t uid_candidates;    /* candidates one user's clients may place per generation */
     uint64_t hash_seed;         /* 0: random key (tests fix it) */
     gboolean verbose;
     GHashTable *domains;        /* name -> DomainPolicy */

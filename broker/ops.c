@@ -13,7 +13,7 @@
  * So a page enters the pool only once a second identical page exists.
  *
  * Every table a request touches is placed by the broker's keyed hash
- * (keyed.h) and bounded per client: candidates by client-candidates,
+ * (keyed.h) and bounded: candidates per user by uid-candidates,
  * outstanding PUBLISH requests by MAX_WANTED, references by client-quota.
  */
 #include <string.h>
@@ -52,6 +52,8 @@ gboolean broker_init(Broker *b, BrokerConfig *cfg, GError **errp)
     b->pending = g_ptr_array_new();
     b->prev_clients = g_hash_table_new_full(g_direct_hash, g_direct_equal, NULL, g_free);
     b->clients = g_hash_table_new(g_direct_hash, g_direct_equal);
+    b->budgets = g_hash_table_new_full(g_direct_hash, g_direct_equal, NULL, g_free);
+    b->cand_gen = 1;
     b->scan_owner = b;
     restart_read_state(b);
     if (b->pending->len) {
@@ -99,6 +101,7 @@ void broker_destroy(Broker *b)
         g_hash_table_iter_steal(&it);
     }
     g_hash_table_destroy(b->clients);
+    g_hash_table_destroy(b->budgets);
     g_hash_table_iter_init(&it, b->domain_ids);
     while (g_hash_table_iter_next(&it, NULL, &v)) {
         Domain *d = v;
@@ -144,7 +147,12 @@ BrokerClient *broker_client_new(Broker *b, int sock, pid_t pid, uid_t uid, gid_t
     c->gid = gid;
     c->connected_at = g_get_monotonic_time();
     c->wanted = g_hash_table_new(g_direct_hash, g_direct_equal);
-    c->cand_budget.max = b->cfg->client_candidates;
+    c->cand_budget = g_hash_table_lookup(b->budgets, GUINT_TO_POINTER(uid));
+    if (!c->cand_budget) {
+        c->cand_budget = g_new0(CandBudget, 1);
+        c->cand_budget->max = b->cfg->uid_candidates;
+        g_hash_table_insert(b->budgets, GUINT_TO_POINTER(uid), c->cand_budget);
+    }
     g_hash_table_insert(b->clients, GUINT_TO_POINTER(c->id), c);
     b->stats.clients_total++;
     return c;
@@ -185,13 +193,45 @@ gboolean broker_process_alive(BrokerClient *c)
     return c->pidfd < 0 || peer_pidfd_alive(c->pidfd);
 }
 
-gboolean broker_client_orphan(Broker *b, BrokerClient *c)
+static BrokerClient *find_orphan(Broker *b, pid_t pid, Domain *d, BrokerClient *not);
+
+/* Move c's references into o (same process, same domain); free c. */
+static void merge_orphan(Broker *b, BrokerClient *o, BrokerClient *c)
 {
+    for (uint64_t k = 0; k < c->refs.nchunks; k++) {
+        for (uint64_t w = 0; c->refs.chunks[k] && w < 32768 / 64; w++) {
+            for (uint64_t bits = c->refs.chunks[k][w]; bits; bits &= bits - 1) {
+                uint64_t slot = k * 32768 + w * 64 + __builtin_ctzll(bits);
+
+                if (!refs_add(&o->refs, slot)) {
+                    /* Both held it: one reference for the one process now. */
+                    c->domain->slots.info[slot].refs--;
+                }
+            }
+        }
+    }
+    refs_destroy(&c->refs);
+    c->domain->nclients--;
+    g_hash_table_remove(b->clients, GUINT_TO_POINTER(c->id));
+    client_forget(c);
+}
+
+gboolean broker_client_orphan(Broker *b, BrokerClient *c, gboolean *merged)
+{
+    BrokerClient *o;
+
+    *merged = FALSE;
     if (!c->domain || c->refs.held == 0 || !broker_process_alive(c)) {
         return FALSE;
     }
     c->sock = -1;
     g_hash_table_remove_all(c->wanted);
+    o = find_orphan(b, c->pid, c->domain, c);
+    if (o) {
+        merge_orphan(b, o, c);
+        *merged = TRUE;
+        return FALSE;
+    }
     return TRUE;
 }
 
@@ -201,7 +241,7 @@ gboolean broker_client_orphan(Broker *b, BrokerClient *c)
  * the same pid: handing its references over is still safe, they are only
  * released later, when this process exits.
  */
-static BrokerClient *find_orphan(Broker *b, pid_t pid, Domain *d)
+static BrokerClient *find_orphan(Broker *b, pid_t pid, Domain *d, BrokerClient *not)
 {
     GHashTableIter it;
     gpointer v;
@@ -210,7 +250,8 @@ static BrokerClient *find_orphan(Broker *b, pid_t pid, Domain *d)
     while (g_hash_table_iter_next(&it, NULL, &v)) {
         BrokerClient *o = v;
 
-        if (o->sock < 0 && o->pid == pid && o->domain == d && broker_process_alive(o)) {
+        if (o != not && o->sock < 0 && o->pid == pid && o->domain == d &&
+            broker_process_alive(o)) {
             return o;
         }
     }
@@ -418,7 +459,7 @@ int broker_hello(Broker *b, BrokerClient *c, const QdHello *h, const GArray *gro
     }
     refs_init(&c->refs, d->pool.max_slots);
     if (reconnect) {
-        BrokerClient *o = find_orphan(b, c->pid, d);
+        BrokerClient *o = find_orphan(b, c->pid, d, c);
 
         if (o) {
             /* Same process, same mappings: its references carry over. */
@@ -506,7 +547,7 @@ void broker_lookup(Broker *b, BrokerClient *c, const QdMessage *m, QdResult *out
             b->stats.hits++;
             continue;
         }
-        switch (candidates_check(&d->cand, kh, c->id, e.cookie, &c->cand_budget)) {
+        switch (candidates_check(&d->cand, kh, c->id, e.cookie, c->cand_budget, b->cand_gen)) {
         case CAND_MATCH:
             if (g_hash_table_size(c->wanted) >= MAX_WANTED) {
                 g_hash_table_remove_all(c->wanted);
@@ -738,6 +779,7 @@ void broker_rotate_candidates(Broker *b)
     while (g_hash_table_iter_next(&it, NULL, &v)) {
         candidates_rotate(&((Domain *)v)->cand);
     }
+    b->cand_gen++;
 }
 
 void broker_tick(Broker *b, gint64 now)

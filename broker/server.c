@@ -141,15 +141,33 @@ static void client_drop(Server *s, BrokerClient *c, const char *why)
 /* After the connection closed: keep the references while the process lives. */
 static void client_gone(Server *s, BrokerClient *c)
 {
+    gboolean merged;
+
     c->watch = 0;
-    if (broker_client_orphan(s->broker, c)) {
+    if (broker_client_orphan(s->broker, c, &merged)) {
         if (c->pidfd >= 0) {
             c->pid_watch = g_unix_fd_add(c->pidfd, G_IO_IN, on_pid_exit, c);
         }
         /* else: server_tick retries pidfd_open until it can watch it. */
-    } else {
+    } else if (!merged) {
         broker_client_free(s->broker, c);
     }
+}
+
+/* Orphans of uid: they count against uid-connections like connections. */
+static guint orphans_of(Server *s, uid_t uid)
+{
+    GHashTableIter it;
+    gpointer v;
+    guint n = 0;
+
+    g_hash_table_iter_init(&it, s->broker->clients);
+    while (g_hash_table_iter_next(&it, NULL, &v)) {
+        BrokerClient *c = v;
+
+        n += c->sock < 0 && c->uid == uid;
+    }
+    return n;
 }
 
 /*
@@ -475,7 +493,12 @@ static gboolean resume_accept(gpointer opaque)
     return G_SOURCE_REMOVE;
 }
 
-/* Refuse a connection with a reason it can read. */
+/*
+ * Refuse a connection with a reason it can read.  What the client sent
+ * already (its HELLO) is read first: closing a unix socket with unread data
+ * resets the peer, which would then see ECONNRESET instead of the reason.
+ * The socket refuses descriptors, so nothing read here holds one.
+ */
 static void refuse(Server *s, int sock, const struct ucred *cred, const char *msg)
 {
     size_t n = qd_encode_error(buf, sizeof(buf), 0, QD_ERR_DENIED, msg);
@@ -484,6 +507,9 @@ static void refuse(Server *s, int sock, const struct ucred *cred, const char *ms
                 (unsigned)cred->uid, msg);
     s->broker->stats.clients_refused++;
     send(sock, buf, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+    for (int i = 0; i < 4 && recv(sock, buf, sizeof(buf), MSG_DONTWAIT | MSG_TRUNC) > 0; i++) {
+    }
+    shutdown(sock, SHUT_RDWR);
     close(sock);
 }
 
@@ -522,9 +548,10 @@ static gboolean on_accept(int lsock, GIOCondition cond, gpointer opaque)
     if (!broker_peer_allowed(s->broker, cred.uid, cred.gid, groups)) {
         msg = g_strdup_printf("uid %u is not allowed to use this broker "
                               "(allow-uids/allow-gids)", (unsigned)cred.uid);
-    } else if (u->connections >= cfg->uid_connections) {
-        msg = g_strdup_printf("uid %u has %u connections already (uid-connections = %u)",
-                              (unsigned)cred.uid, u->connections, cfg->uid_connections);
+    } else if (u->connections + orphans_of(s, cred.uid) >= cfg->uid_connections) {
+        msg = g_strdup_printf("uid %u has %u connections and disconnected clients already "
+                              "(uid-connections = %u)", (unsigned)cred.uid,
+                              u->connections + orphans_of(s, cred.uid), cfg->uid_connections);
     } else if (u->handshakes >= cfg->uid_handshakes) {
         msg = g_strdup_printf("uid %u has %u connections that have not said HELLO "
                               "(uid-handshakes = %u)", (unsigned)cred.uid, u->handshakes,

@@ -26,7 +26,11 @@ static int wait_reply(QdClient *c, uint32_t want_type, QdMessage *m, int *fd,
     if (n < 0) {
         return n;
     }
-    if (qd_decode(c->buf, n, m) != QD_DECODE_OK || m->hdr.seq != c->seq) {
+    if (qd_decode(c->buf, n, m) != QD_DECODE_OK) {
+        return -EPROTO;
+    }
+    /* seq 0: the broker refused the connection itself (limits), before any request. */
+    if (m->hdr.seq != c->seq && !(m->hdr.type == QD_MSG_ERROR && m->hdr.seq == 0)) {
         return -EPROTO;
     }
     if (m->hdr.type == QD_MSG_ERROR) {
@@ -36,6 +40,21 @@ static int wait_reply(QdClient *c, uint32_t want_type, QdMessage *m, int *fd,
         return m->u.error.code;
     }
     return m->hdr.type == want_type ? 0 : -EPROTO;
+}
+
+/* The ERROR a broker sends as it refuses a connection; 0 if none came. */
+static int wait_refusal(QdClient *c, QdError *err)
+{
+    ssize_t n = recv(c->sock, c->buf, QD_SMALL_MSG_MAX, MSG_DONTWAIT);
+    QdMessage m;
+
+    if (n > 0 && qd_decode(c->buf, n, &m) == QD_DECODE_OK && m.hdr.type == QD_MSG_ERROR) {
+        if (err) {
+            *err = m.u.error;
+        }
+        return m.u.error.code;
+    }
+    return 0;
 }
 
 /* Send buf[0..len) plus pages, wait for a reply of want_type. */
@@ -93,6 +112,11 @@ int qd_client_open(QdClient *c, const char *path, const QdHello *hello, QdError 
     ret = len ? qd_send(c->sock, c->buf, len, NULL, 0, -1) : -EINVAL;
     if (ret == 0) {
         ret = wait_reply(c, QD_MSG_HELLO_REPLY, &m, &fd, err);
+    } else if (ret == -EPIPE || ret == -ECONNRESET) {
+        /* Refused at once: the broker's reason may be waiting (seq 0). */
+        int why = wait_refusal(c, err);
+
+        ret = why ? why : ret;
     }
     if (ret != 0) {
         goto fail;

@@ -253,7 +253,7 @@ class Conn:
                 a = array.array("i")
                 a.frombytes(payload[:len(payload) - len(payload) % fdsize])
                 fds.extend(a)
-        if not data and not fds:
+        if not data:
             for fd in fds:
                 os.close(fd)
             return None

@@ -314,33 +314,37 @@ static void test_candidates(void)
 {
     CandBudget b1 = { 0 }, b2 = { 0 }, small = { .max = 100 };
     Candidates c;
+    uint64_t gen = 1;
 
     candidates_init(&c);
-    g_assert_cmpint(candidates_check(&c, kh_n(1), 1, 100, &b1), ==, CAND_NEW);
-    g_assert_cmpint(candidates_check(&c, kh_n(1), 1, 100, &b1), ==, CAND_SEEN);
-    g_assert_cmpint(candidates_check(&c, kh_n(1), 1, 101, &b1), ==, CAND_MATCH); /* same VM */
-    g_assert_cmpint(candidates_check(&c, kh_n(1), 2, 100, &b2), ==, CAND_MATCH); /* other VM */
+    g_assert_cmpint(candidates_check(&c, kh_n(1), 1, 100, &b1, gen), ==, CAND_NEW);
+    g_assert_cmpint(candidates_check(&c, kh_n(1), 1, 100, &b1, gen), ==, CAND_SEEN);
+    g_assert_cmpint(candidates_check(&c, kh_n(1), 1, 101, &b1, gen), ==, CAND_MATCH); /* same VM */
+    g_assert_cmpint(candidates_check(&c, kh_n(1), 2, 100, &b2, gen), ==, CAND_MATCH); /* other VM */
     for (uint64_t i = 2; i < 5000; i++) {
-        g_assert_cmpint(candidates_check(&c, kh_n(i), 1, i, &b1), ==, CAND_NEW);
+        g_assert_cmpint(candidates_check(&c, kh_n(i), 1, i, &b1, gen), ==, CAND_NEW);
     }
     /* Seen within one rotation: survives (and is carried forward). */
     candidates_rotate(&c);
-    g_assert_cmpint(candidates_check(&c, kh_n(3), 1, 3, &b1), ==, CAND_SEEN);
+    gen++;
+    g_assert_cmpint(candidates_check(&c, kh_n(3), 1, 3, &b1, gen), ==, CAND_SEEN);
     candidates_rotate(&c);
-    g_assert_cmpint(candidates_check(&c, kh_n(3), 2, 9, &b2), ==, CAND_MATCH);
+    gen++;
+    g_assert_cmpint(candidates_check(&c, kh_n(3), 2, 9, &b2, gen), ==, CAND_MATCH);
     /* Not seen for two rotations: gone. */
-    g_assert_cmpint(candidates_check(&c, kh_n(4), 2, 9, &b2), ==, CAND_NEW);
+    g_assert_cmpint(candidates_check(&c, kh_n(4), 2, 9, &b2, gen), ==, CAND_NEW);
     candidates_forget(&c, kh_n(3));
-    g_assert_cmpint(candidates_check(&c, kh_n(3), 2, 9, &b2), ==, CAND_NEW);
+    g_assert_cmpint(candidates_check(&c, kh_n(3), 2, 9, &b2, gen), ==, CAND_NEW);
     /* A client's budget: past it, nothing more is remembered for it. */
     for (uint64_t i = 0; i < 150; i++) {
-        candidates_check(&c, kh_n(100000 + i), 3, i, &small);
+        candidates_check(&c, kh_n(100000 + i), 3, i, &small, gen);
     }
     g_assert_cmpuint(small.placed, ==, 100);
     g_assert_cmpuint(small.refused, ==, 50);
-    g_assert_cmpint(candidates_check(&c, kh_n(100149), 1, 7, &b1), ==, CAND_NEW);
+    g_assert_cmpint(candidates_check(&c, kh_n(100149), 1, 7, &b1, gen), ==, CAND_NEW);
     candidates_rotate(&c);
-    g_assert_cmpint(candidates_check(&c, kh_n(200000), 3, 1, &small), ==, CAND_NEW);
+    gen++;
+    g_assert_cmpint(candidates_check(&c, kh_n(200000), 3, 1, &small, gen), ==, CAND_NEW);
     candidates_destroy(&c);
 }
 
@@ -362,7 +366,7 @@ static void fixture_setup(Fixture *f, gconstpointer data)
     f->cfg.pool_max = 4096;
     f->cfg.restart_grace = 1;
     f->cfg.max_domains = 16;
-    f->cfg.client_candidates = 1 << 20;
+    f->cfg.uid_candidates = 1 << 20;
     f->cfg.hash_seed = 42;
     f->cfg.domains = g_hash_table_new(g_str_hash, g_str_equal);
     f->d.name = (char *)"d";
