@@ -20,7 +20,7 @@ int main(int argc, char **argv)
     g_autoptr(GError) err = NULL;
     g_autofree char *dir = g_dir_make_tmp("qdedup-inproc-XXXXXX", &err);
     BrokerConfig cfg = { .pool_max = 1u << 18, .restart_grace = 1, .max_domains = 4,
-                         .client_candidates = 1u << 22 };
+                         .uid_candidates = 1u << 22 };
     gboolean auth_failed;
     QdHello h = { .version = QD_PROTO_VERSION };
     QdHelloReply reply = { 0 };
