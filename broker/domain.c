@@ -40,6 +40,16 @@ static void domain_register(Broker *b, Domain *d)
         g_hash_table_insert(b->domains, d->name, d);
     }
     restart_write_state(b);
+    if (d->policy) {
+        /*
+         * A declared domain's pool is recorded before its first client can
+         * map it: a crash in the next second would otherwise leave every
+         * VM of the domain holding a pool no broker takes back.  Declared
+         * domains are few (the configuration's); private and open ones
+         * wait for the tick, so that clients making them cost no writes.
+         */
+        restart_flush_state(b);
+    }
 }
 
 static void domain_free_struct(Domain *d)
