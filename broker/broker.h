@@ -68,6 +68,12 @@ typedef struct PendingPool {
  */
 typedef struct BrokerClient {
     uint32_t id;                /* random: tells a client nothing of others */
+    /*
+     * Owner of its candidates: its id, or that of the orphan whose
+     * references it took.  The same process asks about the same pages
+     * again; under a new owner each would look like a second page.
+     */
+    uint32_t cand_owner;
     int sock;                   /* -1 for an orphan */
     guint watch;
     gpointer server;            /* the Server it came through */

@@ -140,6 +140,7 @@ BrokerClient *broker_client_new(Broker *b, int sock, pid_t pid, uid_t uid, gid_t
     do {
         c->id = g_random_int();
     } while (c->id == 0 || g_hash_table_contains(b->clients, GUINT_TO_POINTER(c->id)));
+    c->cand_owner = c->id;
     c->sock = sock;
     c->pidfd = -1;
     c->pid = pid;
@@ -467,6 +468,7 @@ int broker_hello(Broker *b, BrokerClient *c, const QdHello *h, const GArray *gro
 
             c->refs = o->refs;
             o->refs = keep;
+            c->cand_owner = o->cand_owner;
             reply->flags |= QD_REPLY_REFS_KEPT;
             broker_client_free(b, o);
         }
@@ -547,7 +549,8 @@ void broker_lookup(Broker *b, BrokerClient *c, const QdMessage *m, QdResult *out
             b->stats.hits++;
             continue;
         }
-        switch (candidates_check(&d->cand, kh, c->id, e.cookie, c->cand_budget, b->cand_gen)) {
+        switch (candidates_check(&d->cand, kh, c->cand_owner, e.cookie, c->cand_budget,
+                                 b->cand_gen)) {
         case CAND_MATCH:
             if (g_hash_table_size(c->wanted) >= MAX_WANTED) {
                 g_hash_table_remove_all(c->wanted);
