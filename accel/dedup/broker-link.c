@@ -13,6 +13,7 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -54,6 +55,23 @@ void broker_lost(DedupEngine *e, const char *why)
     b->backoff_us = BACKOFF_MIN_US;
     b->next_attempt_us = g_get_monotonic_time() + b->backoff_us;
     engine_notify(e, DEDUP_EVENT_BROKER_LOST);
+}
+
+/*
+ * Between passes: has the broker closed our connection (it died or was
+ * restarted)?  It sends nothing unasked, so anything to read now is its
+ * end of file.  Without this an idle VM notices only at its next request,
+ * perhaps after a restarted broker's restart-grace ran out, and its pool
+ * is then forgotten instead of handed back.
+ */
+void broker_check_closed(DedupEngine *e)
+{
+    Broker *b = &e->broker;
+    struct pollfd pfd = { .fd = b->client.sock, .events = POLLIN | POLLRDHUP };
+
+    if (b->connected && poll(&pfd, 1, 0) > 0) {
+        broker_lost(e, "the broker closed the connection");
+    }
 }
 
 /* Send UNREFs for slots whose last use went; the broker gives nothing back. */
@@ -195,6 +213,34 @@ static bool restore_refs(DedupEngine *e)
     return true;
 }
 
+/*
+ * The broker does not have the pool we kept (it lost its state file, or
+ * nobody handed the pool back within its restart-grace): our slot numbers
+ * mean nothing to it and nobody will take them back.  Our merged pages are
+ * private mappings of that pool and stay correct, but they cannot be
+ * merged or accounted against a new pool, so they are copied out, and the
+ * next attempt connects afresh.  Pages that cannot move now (no memory, no
+ * VMA left) keep the old pool, and we try again next time: when in doubt,
+ * do not merge.  Called with e->lock held, from the scanner.
+ */
+static void leave_old_pool(DedupEngine *e)
+{
+    Broker *b = &e->broker;
+    uint64_t left = unmerge_locked(e, UINT64_MAX);
+
+    /* The UNREFs unmerging queued were for a pool no broker counts. */
+    g_array_set_size(b->unsent, 0);
+    if (left) {
+        g_warning("memory-dedup: the broker has a new pool; %" G_GUINT64_FORMAT
+                  " pages still map the old one, trying again", left);
+        return;
+    }
+    broker_release_pool(e);
+    b->backoff_us = BACKOFF_MIN_US;
+    g_message("memory-dedup: the broker has a new pool: pages of the old one unmerged, "
+              "merging again");
+}
+
 static bool broker_connect(DedupEngine *e)
 {
     Broker *b = &e->broker;
@@ -229,6 +275,9 @@ static bool broker_connect(DedupEngine *e)
                     ret > 0 ? err.message : g_strerror(-ret));
         }
         qd_client_close(&b->client);
+        if (ret == QD_ERR_POOL_CHANGED && b->pool_fd >= 0) {
+            leave_old_pool(e);
+        }
         return false;
     }
     setsockopt(b->client.sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));

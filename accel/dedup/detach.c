@@ -101,12 +101,12 @@ int dedup_engine_discard(DedupEngine *e, void *host, size_t len)
     }
     broker_unref(e, (uint64_t *)unref->data, unref->len);
     e->st.vmas_used = engine_vmas(e);
-    g_mutex_unlock(&e->lock);
+    engine_unlock(e);
     return ret;
 }
 
 /* Unmerge up to max pages, e->lock held; the pool-mapped pages left. */
-static uint64_t unmerge_locked(DedupEngine *e, uint64_t max)
+uint64_t unmerge_locked(DedupEngine *e, uint64_t max)
 {
     g_autoptr(GArray) unref = g_array_new(FALSE, FALSE, sizeof(uint64_t));
     uint64_t left = 0, merged = 0, done = 0;
@@ -151,7 +151,7 @@ uint64_t dedup_engine_unmerge(DedupEngine *e, uint64_t max_pages)
 
     g_mutex_lock(&e->lock);
     left = unmerge_locked(e, max_pages);
-    g_mutex_unlock(&e->lock);
+    engine_unlock(e);
     return left;
 }
 
@@ -165,5 +165,5 @@ void dedup_engine_reset_hints(DedupEngine *e)
         memset(r->misses, 0, r->npages);
     }
     e->st.resets++;
-    g_mutex_unlock(&e->lock);
+    engine_unlock(e);
 }

@@ -77,6 +77,14 @@ struct DedupEngine {
     GPtrArray *regions;
     GMutex wp_lock;         /* one protect..wake section at a time, vs. the fault loop */
     GMutex ctl_lock;        /* sleep/stop/settings */
+    /*
+     * Readers (the monitor) never take e->lock, which the scanner holds
+     * across broker requests: they read a copy of the figures made as each
+     * e->lock section ends (engine_unlock), under this lock held only to
+     * copy.
+     */
+    GMutex stats_lock;
+    DedupStats shown;
     GCond ctl_cond;
     bool stopping;
     bool enabled;
@@ -94,6 +102,9 @@ struct DedupEngine {
     unsigned idle_passes;       /* quiet passes in a row (scanner thread) */
     DedupStats st;          /* counters; "now" figures computed per pass */
 };
+
+/* Leave an e->lock section, first publishing its figures to readers. */
+void engine_unlock(DedupEngine *e);
 
 /* pagemap.c */
 int pagemap_open(DedupEngine *e);
@@ -164,6 +175,9 @@ const uint8_t *broker_pool_page(DedupEngine *e, uint64_t slot);
 void broker_close(DedupEngine *e);
 /* Unmap and close the pool: only when no page maps it any more. */
 void broker_release_pool(DedupEngine *e);
+void broker_check_closed(DedupEngine *e);
+/* Move up to max pool-mapped pages back to anonymous memory (e->lock held). */
+uint64_t unmerge_locked(DedupEngine *e, uint64_t max);
 
 void engine_notify(DedupEngine *e, DedupEvent ev);
 /* engine.c: the VMAs our mappings add (I7); e->lock held. */

@@ -69,6 +69,7 @@ DedupEngine *dedup_engine_new(const DedupConfig *cfg, char **errmsg)
     g_mutex_init(&e->lock);
     g_mutex_init(&e->wp_lock);
     g_mutex_init(&e->ctl_lock);
+    g_mutex_init(&e->stats_lock);
     g_cond_init(&e->ctl_cond);
     if (uffd_setup(e, errmsg) < 0) {
         dedup_engine_free(e);
@@ -142,6 +143,7 @@ void dedup_engine_free(DedupEngine *e)
     g_mutex_clear(&e->lock);
     g_mutex_clear(&e->wp_lock);
     g_mutex_clear(&e->ctl_lock);
+    g_mutex_clear(&e->stats_lock);
     g_cond_clear(&e->ctl_cond);
     g_free(e->broker_path);
     g_free(e->domain);
@@ -181,7 +183,7 @@ int dedup_engine_add_region(DedupEngine *e, const char *name, void *host,
     g_mutex_lock(&e->lock);
     g_ptr_array_add(e->regions, r);
     e->st.covered_bytes += len;
-    g_mutex_unlock(&e->lock);
+    engine_unlock(e);
     return 0;
 }
 
@@ -220,7 +222,7 @@ void dedup_engine_remove_region(DedupEngine *e, void *host)
      * that only we map makes our dying mapping read zeros nobody reads.
      */
     broker_unref(e, (uint64_t *)slots->data, slots->len);
-    g_mutex_unlock(&e->lock);
+    engine_unlock(e);
 }
 
 /*
@@ -608,7 +610,7 @@ void dedup_engine_run_scanner(DedupEngine *e)
             }
             g_mutex_lock(&e->lock);
             if (ri >= e->regions->len) {
-                g_mutex_unlock(&e->lock);
+                engine_unlock(e);
                 break;
             }
             b->r = g_ptr_array_index(e->regions, ri);
@@ -620,7 +622,7 @@ void dedup_engine_run_scanner(DedupEngine *e)
                 ri++;
                 page = 0;
             }
-            g_mutex_unlock(&e->lock);
+            engine_unlock(e);
             cpu1 = thread_cpu_ns();
             __atomic_store_n(&e->cpu_ns_scanner, cpu1, __ATOMIC_RELAXED);
             if (!pace(e, cpu1 - cpu0, (g_get_monotonic_time() - wall0) * 1000, 0)) {
@@ -635,6 +637,7 @@ void dedup_engine_run_scanner(DedupEngine *e)
         e->st.passes++;
         e->st.last_pass_ms = (g_get_monotonic_time() - pass_start) / 1000;
         e->st.vmas_used = engine_vmas(e);
+        broker_check_closed(e);
         if (e->st.vmas_used + 2 <= e->cfg.max_vmas) {
             e->budget_reported = false;
             e->st.vma_budget_reached = false;
@@ -643,7 +646,7 @@ void dedup_engine_run_scanner(DedupEngine *e)
         quiet_pages = e->st.covered_bytes / DEDUP_PAGE / 1024;
         e->idle_passes = t.changed + work_done(&e->st) - work_before > quiet_pages
                          ? 0 : MIN(e->idle_passes + 1, IDLE_BACKOFF_MAX);
-        g_mutex_unlock(&e->lock);
+        engine_unlock(e);
         if (!pause_between_passes(e, quiet_pages)) {
             break;
         }
@@ -651,26 +654,40 @@ void dedup_engine_run_scanner(DedupEngine *e)
     g_free(b);
 }
 
-void dedup_engine_get_stats(DedupEngine *e, DedupStats *st)
+void engine_unlock(DedupEngine *e)
 {
+    DedupStats st = e->st;
     uint64_t meta = sizeof(*e);
 
-    g_mutex_lock(&e->lock);
-    *st = e->st;
-    st->regions = e->regions->len;
+    st.regions = e->regions->len;
     for (guint i = 0; i < e->regions->len; i++) {
         Region *r = g_ptr_array_index(e->regions, i);
 
         meta += sizeof(*r) + r->npages * (3 + sizeof(*r->slot) + sizeof(*r->hash));
     }
-    st->broker_connected = e->broker.connected;
-    st->unmerging = __atomic_load_n(&e->unmerging, __ATOMIC_RELAXED);
-    st->vmas_used = engine_vmas(e);
+    st.metadata_bytes = meta;
+    st.broker_connected = e->broker.connected;
+    st.vmas_used = engine_vmas(e);
+    g_mutex_lock(&e->stats_lock);
+    e->shown = st;
+    g_mutex_unlock(&e->stats_lock);
     g_mutex_unlock(&e->lock);
-    st->metadata_bytes = meta;
+}
+
+/*
+ * The figures as of the last e->lock section: this never waits for the
+ * scanner, which may be waiting for the broker (I10).
+ */
+void dedup_engine_get_stats(DedupEngine *e, DedupStats *st)
+{
+    g_mutex_lock(&e->stats_lock);
+    *st = e->shown;
+    g_mutex_unlock(&e->stats_lock);
+    st->wp_faults = __atomic_load_n(&e->st.wp_faults, __ATOMIC_RELAXED);
+    st->unmerging = __atomic_load_n(&e->unmerging, __ATOMIC_RELAXED);
     st->vma_budget = e->cfg.max_vmas;
     st->saved_bytes = (int64_t)(st->zero_pages + st->merged_pages) * DEDUP_PAGE -
-                      (int64_t)meta;
+                      (int64_t)st->metadata_bytes;
     st->cpu_ns = __atomic_load_n(&e->cpu_ns_scanner, __ATOMIC_RELAXED) +
                  __atomic_load_n(&e->cpu_ns_faults, __ATOMIC_RELAXED);
 }
