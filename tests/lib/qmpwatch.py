@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 # SPDX-License-Identifier: GPL-2.0-or-later
 """A QMP client with deadlines, for watching a QEMU that may stop answering:
 every command carries an id, a command that gets no answer in time raises
