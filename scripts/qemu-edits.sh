@@ -171,6 +171,12 @@ end
 # 8. Discards go through memory-dedup first, so that merged pages read zeros
 #    afterwards (ARCHITECTURE I5): balloon, free page reporting, virtio-mem,
 #    postcopy all end in ram_block_discard_range().
+#    The file's edits are made below, with those of 10.
+
+# 10. Guest RAM a device writes by DMA is announced to memory-dedup between
+#     map and unmap, so that it never drops, merges or moves a page in
+#     flight (ARCHITECTURE I8): dma_memory_map(), the virtqueue code and
+#     cpu_physical_memory_map() all come through address_space_map().
 begin system/physmem.c
 edit after '#include "system/xen-mapcache.h"' '#include "accel/dedup/qemu-hooks.h"'
 edit before "        errno = ENOTSUP; /* If we are missing MADVISE etc */" \
@@ -178,6 +184,17 @@ edit before "        errno = ENOTSUP; /* If we are missing MADVISE etc */" \
         if (ret) {
             goto err;
         }"
+edit replace "    return qemu_ram_ptr_length(mr->ram_block, xlat, plen, true, is_write);" \
+"    void *ptr = qemu_ram_ptr_length(mr->ram_block, xlat, plen, true, is_write);
+
+    if (is_write) {
+        memory_dedup_dma_map(ptr, *plen);
+    }
+    return ptr;"
+edit before "    mr = memory_region_from_host(buffer, &addr1);" \
+"    if (is_write) {
+        memory_dedup_dma_unmap(buffer, len);
+    }"
 end
 
 # 9. The background-snapshot capability is refused with an error that names

@@ -7,7 +7,7 @@
  * RAMBlocks.  The caller owns the threads: one runs dedup_engine_run_scanner()
  * (hash, zero-drop, lookup, merge), one runs dedup_engine_run_faults() (the
  * userfaultfd).  See docs/memory-dedup.md for the design and
- * ../shared/ARCHITECTURE.md for the invariants (I1-I7) it keeps.
+ * ../shared/ARCHITECTURE.md for the invariants (I1-I11) it keeps.
  */
 #ifndef QDEDUP_ENGINE_H
 #define QDEDUP_ENGINE_H
@@ -53,6 +53,8 @@ typedef struct DedupConfig {
     uint32_t cpu_limit;         /* % of one core for the scanner, 1-100 */
     uint32_t pass_interval_ms;  /* pause between passes */
     uint64_t max_vmas;          /* VMAs we may add (I7) */
+    /* Tests only: change pages that devices are writing (I8 off, to see it fail). */
+    bool ignore_dma;
     /* Called from the engine's threads; must not block (schedule a BH). */
     void (*notify)(void *opaque, DedupEvent ev);
     /* Called from the engine's threads with its locks held: cheap, no blocking. */
@@ -77,6 +79,7 @@ typedef struct DedupStats {
     uint64_t cow_events;        /* merged pages written by the guest */
     uint64_t restored;          /* COWed pages moved back to anonymous memory */
     uint64_t mismatches;        /* compare under protection failed */
+    uint64_t dma_skipped;       /* pages left alone: a device was writing them (I8) */
     uint64_t wp_faults;         /* writes that waited for a merge */
     uint64_t vmas_used;
     uint64_t vma_budget;
@@ -134,5 +137,19 @@ uint64_t dedup_engine_unmerge(DedupEngine *e, uint64_t max_pages);
 void dedup_engine_set_unmerging(DedupEngine *e, bool on);
 /* The guest was reset: forget the per-page back-off of the old boot. */
 void dedup_engine_reset_hints(DedupEngine *e);
+
+/*
+ * Device DMA into guest RAM (I8; dma.c).  Call dedup_dma_map() before a
+ * device may write [host, host+len) and dedup_dma_unmap() with the same
+ * host once it finished; any thread, cheap, never blocks for long.  The
+ * engine leaves pages in such a range alone.  Process-wide: the mappings
+ * of every device, whatever engines exist.
+ */
+void dedup_dma_map(const void *host, size_t len);
+void dedup_dma_unmap(const void *host, size_t len);
+/* Does some device mapping overlap [host, host+len)? */
+bool dedup_dma_busy(const void *host, size_t len);
+/* Mappings in flight (tests, stats). */
+size_t dedup_dma_in_flight(void);
 
 #endif

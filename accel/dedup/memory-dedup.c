@@ -36,6 +36,7 @@
 #include "exec/ramblock.h"
 #include "exec/ramlist.h"
 #include "hw/boards.h"
+#include "hw/qdev-core.h"
 #include "migration/postcopy-ram.h"
 #include "qemu/lockable.h"
 #include "system/reset.h"
@@ -65,6 +66,10 @@ struct MemoryDedup {
     uint64_t max_vmas;
     bool enabled;
     bool broker_required;
+    bool ignore_dma;           /* x-ignore-dma: tests only */
+    DeviceListener devices;     /* refuses devices that write RAM unseen (I8) */
+    bool devices_added;
+    bool dma_refused;           /* such a device came: paused for good */
 
     DedupEngine *engine;
     bool completed;
@@ -299,6 +304,16 @@ static void memory_dedup_ram_removed(RAMBlockNotifier *n, void *host, size_t siz
     }
 }
 
+void memory_dedup_dma_map(void *host, hwaddr len)
+{
+    dedup_dma_map(host, len);
+}
+
+void memory_dedup_dma_unmap(void *host, hwaddr len)
+{
+    dedup_dma_unmap(host, len);
+}
+
 int memory_dedup_ram_discard(RAMBlock *rb, uint64_t start, size_t length)
 {
     MemoryDedup *md;
@@ -409,6 +424,50 @@ static void memory_dedup_machine_done(Notifier *n, void *data)
     }
 }
 
+/*
+ * Devices that write guest RAM by DMA without mapping it through
+ * address_space_map() (I8): the kernel's vhost-scsi pins the guest's
+ * buffers itself, from the addresses in the virtqueue.  VFIO, vDPA and
+ * blkio pin all of RAM and are excluded by ram_block_discard_require().
+ */
+static const char *const memory_dedup_unseen_dma[] = { "vhost-scsi" };
+
+static const char *memory_dedup_unseen_dma_type(Object *obj)
+{
+    for (size_t i = 0; i < ARRAY_SIZE(memory_dedup_unseen_dma); i++) {
+        if (object_dynamic_cast(obj, memory_dedup_unseen_dma[i])) {
+            return memory_dedup_unseen_dma[i];
+        }
+    }
+    return NULL;
+}
+
+static int memory_dedup_find_unseen_dma(Object *obj, void *opaque)
+{
+    const char **found = opaque;
+
+    *found = memory_dedup_unseen_dma_type(obj);
+    return *found ? 1 : object_child_foreach(obj, memory_dedup_find_unseen_dma, opaque);
+}
+
+/* Hot-plugged after the object was made: stop changing pages for good. */
+static void memory_dedup_device_realize(DeviceListener *l, DeviceState *dev)
+{
+    MemoryDedup *md = container_of(l, MemoryDedup, devices);
+    const char *type = memory_dedup_unseen_dma_type(OBJECT(dev));
+
+    if (!type || md->dma_refused) {
+        return;
+    }
+    md->dma_refused = true;
+    md->enabled = false;
+    dedup_engine_set_enabled(md->engine, false);
+    warn_report("memory-dedup '%s': paused for good: device '%s' (%s) writes guest "
+                "RAM by DMA without telling memory-dedup", md->id,
+                dev->id ? dev->id : object_get_canonical_path_component(OBJECT(dev)),
+                type);
+}
+
 static bool memory_dedup_broker_reachable(MemoryDedup *md, Error **errp)
 {
     const char *path = md->broker ? md->broker : "/run/qemu-dedup/broker.sock";
@@ -428,7 +487,8 @@ static void memory_dedup_complete(UserCreatable *uc, Error **errp)
         .broker = md->broker, .domain = md->domain, .name = qemu_name,
         .zero_pages = md->zero_pages, .merge = md->merge,
         .cpu_limit = md->cpu_limit, .pass_interval_ms = md->pass_interval,
-        .max_vmas = md->max_vmas, .notify = memory_dedup_notify,
+        .max_vmas = md->max_vmas, .ignore_dma = md->ignore_dma,
+        .notify = memory_dedup_notify,
         .trace = memory_dedup_trace, .opaque = md,
     };
     g_autofree char *secret = NULL;
@@ -471,6 +531,18 @@ static void memory_dedup_complete(UserCreatable *uc, Error **errp)
         return;
     }
     md->discard_required = true;
+    {
+        const char *type = NULL;
+
+        object_child_foreach(object_get_root(), memory_dedup_find_unseen_dma, &type);
+        if (type) {
+            error_setg(errp, "memory-dedup: a %s device writes guest RAM by DMA "
+                       "without telling memory-dedup", type);
+            error_append_hint(errp, "Use virtio-scsi or virtio-blk with the same "
+                              "disk, or run this VM without memory-dedup.\n");
+            return;
+        }
+    }
     md->engine = dedup_engine_new(&cfg, &err);
     if (!md->engine) {
         error_setg(errp, "memory-dedup: %s", err);
@@ -479,6 +551,9 @@ static void memory_dedup_complete(UserCreatable *uc, Error **errp)
     }
     dedup_engine_set_enabled(md->engine, md->enabled);
     dedup_engine_set_unmerging(md->engine, md->unmerge);
+    md->devices.realize = memory_dedup_device_realize;
+    device_listener_register(&md->devices);
+    md->devices_added = true;
     md->postcopy_notifier.notify = memory_dedup_postcopy_notify;
     postcopy_add_notifier(&md->postcopy_notifier);
     md->postcopy_notifier_added = true;
@@ -497,6 +572,9 @@ static void memory_dedup_finalize(Object *obj)
         WITH_QEMU_LOCK_GUARD(&memory_dedup_lock) {
             QLIST_REMOVE(md, next);
         }
+    }
+    if (md->devices_added) {
+        device_listener_unregister(&md->devices);
     }
     if (md->postcopy_notifier_added) {
         postcopy_remove_notifier(&md->postcopy_notifier);
@@ -690,10 +768,12 @@ static void memory_dedup_set_##field(Object *obj, bool v, Error **errp)       \
     }                                                                         \
 }
 
-MEMORY_DEDUP_BOOL_PROP(enabled, dedup_engine_set_enabled(md->engine, v && !md->incoming))
+MEMORY_DEDUP_BOOL_PROP(enabled, dedup_engine_set_enabled(md->engine,
+                                                  v && !md->incoming && !md->dma_refused))
 MEMORY_DEDUP_BOOL_PROP(unmerge, dedup_engine_set_unmerging(md->engine, v))
 MEMORY_DEDUP_BOOL_PROP(zero_pages, dedup_engine_set_zero_pages(md->engine, v))
 MEMORY_DEDUP_BOOL_PROP(broker_required, (void)0)
+MEMORY_DEDUP_BOOL_PROP(ignore_dma, (void)0)
 
 static bool memory_dedup_get_merge(Object *obj, Error **errp)
 {
@@ -742,6 +822,7 @@ static MemoryDedupInfo *memory_dedup_info(MemoryDedup *md)
     info->merges = st.merges;
     info->restored = st.restored;
     info->mismatches = st.mismatches;
+    info->dma_skipped = st.dma_skipped;
     info->huge_pages_split = st.thp_splits;
     info->vmas_used = st.vmas_used;
     info->vma_budget = md->max_vmas;
@@ -854,6 +935,8 @@ static const MemoryDedupBoolProp memory_dedup_bool_props[] = {
     { "broker-required", memory_dedup_get_broker_required,
       memory_dedup_set_broker_required,
       "fail when the broker cannot be reached (default off: retry)" },
+    { "x-ignore-dma", memory_dedup_get_ignore_dma, memory_dedup_set_ignore_dma,
+      "tests only: change pages devices are writing by DMA (default off)" },
 };
 
 typedef struct MemoryDedupNumProp {

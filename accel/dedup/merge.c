@@ -39,6 +39,12 @@ int remap_flags(Region *r, void *addr, size_t len)
     return ret;
 }
 
+/* Is a device writing some of [addr, addr+len)?  Asked under protection (dma.c). */
+static bool dma_busy(DedupEngine *e, const void *addr, size_t len)
+{
+    return !e->cfg.ignore_dma && dedup_dma_busy(addr, len);
+}
+
 static bool page_is_zero(const uint8_t *p)
 {
     static const uint8_t zero[DEDUP_PAGE];
@@ -72,7 +78,7 @@ static void merge_run(DedupEngine *e, MergeItem *it, size_t n, GArray *unref)
     Region *r = it[0].r;
     uint8_t *base = r->host + it[0].page * DEDUP_PAGE;
     size_t len = (it[n - 1].page - it[0].page + 1) * DEDUP_PAGE;
-    bool same[RUN_MAX];
+    bool same[RUN_MAX], dma[RUN_MAX], busy;
 
     g_mutex_lock(&e->wp_lock);
     if (uffd_protect(e, base, len, true) < 0) {
@@ -82,10 +88,13 @@ static void merge_run(DedupEngine *e, MergeItem *it, size_t n, GArray *unref)
         }
         return;
     }
+    busy = dma_busy(e, base, len);
     for (size_t i = 0; i < n; i++) {
         const uint8_t *pool = broker_pool_page(e, it[i].slot);
+        uint8_t *page = r->host + it[i].page * DEDUP_PAGE;
 
-        same[i] = pool && memcmp(r->host + it[i].page * DEDUP_PAGE, pool, DEDUP_PAGE) == 0;
+        dma[i] = busy && dma_busy(e, page, DEDUP_PAGE);
+        same[i] = !dma[i] && pool && memcmp(page, pool, DEDUP_PAGE) == 0;
     }
     /* Runs of equal pages with consecutive slots: one mmap each. */
     for (size_t i = 0; i < n;) {
@@ -93,7 +102,11 @@ static void merge_run(DedupEngine *e, MergeItem *it, size_t n, GArray *unref)
 
         if (!same[i]) {
             g_array_append_val(unref, it[i].slot);
-            e->st.mismatches++;
+            if (dma[i]) {
+                e->st.dma_skipped++;
+            } else {
+                e->st.mismatches++;
+            }
             i++;
             continue;
         }
@@ -185,10 +198,15 @@ void drop_zero_pages(DedupEngine *e, Region *r, const size_t *pages, size_t n)
         len = (pages[i + k - 1] - pages[i] + 1) * DEDUP_PAGE;
         g_mutex_lock(&e->wp_lock);
         if (uffd_protect(e, base, len, true) == 0) {
+            /* Under protection (dma.c): zero pages are often a read in flight. */
+            bool busy = dma_busy(e, base, len);
+
             for (size_t j = i; j < i + k; j++) {
                 uint8_t *p = r->host + pages[j] * DEDUP_PAGE;
 
-                if (page_is_zero(p)) {
+                if (busy && dma_busy(e, p, DEDUP_PAGE)) {
+                    e->st.dma_skipped++;
+                } else if (page_is_zero(p)) {
                     iov[nz++] = (struct iovec) { p, DEDUP_PAGE };
                     r->kind[pages[j]] |= 0x80;
                 }
@@ -219,6 +237,11 @@ bool move_to_anon(DedupEngine *e, Region *r, size_t page, size_t n)
     }
     g_mutex_lock(&e->wp_lock);
     if (uffd_protect(e, addr, len, true) == 0) {
+        if (dma_busy(e, addr, len)) {
+            /* A device writes there: the copy would miss its data (I8). */
+            e->st.dma_skipped += n;
+            goto unprotect;
+        }
         memcpy(staging, addr, len);
         /*
          * Atomic: readers see the old pages or the copy, never a hole (a
@@ -229,6 +252,7 @@ bool move_to_anon(DedupEngine *e, Region *r, size_t page, size_t n)
             uffd_register_wp(e, addr, len);
             remap_flags(r, addr, len);
         }
+unprotect:
         uffd_protect(e, addr, len, false);
         uffd_wake(e, addr, len);
     }

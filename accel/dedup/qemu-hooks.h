@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
- * The two places where QEMU's own code calls memory-dedup.  Both calls are
+ * The places where QEMU's own code calls memory-dedup.  The calls are
  * added by scripts/qemu-edits.sh (see docs/qemu-edits.md); the functions
- * live in memory-dedup.c and do nothing while no memory-dedup object is
- * active.
+ * live in memory-dedup.c.  All but the DMA ones do nothing while no
+ * memory-dedup object is active.
  */
 #ifndef ACCEL_DEDUP_QEMU_HOOKS_H
 #define ACCEL_DEDUP_QEMU_HOOKS_H
@@ -14,6 +14,16 @@
  * without the BQL.  Returns 0 or -errno, and then the discard must fail.
  */
 int memory_dedup_ram_discard(RAMBlock *rb, uint64_t start, size_t length);
+
+/*
+ * From address_space_map() and address_space_unmap(), for guest RAM a
+ * device writes (is_write): between the two, memory-dedup leaves the
+ * pages of [host, host+len) alone (ARCHITECTURE I8, accel/dedup/dma.c).
+ * Any thread; never blocks for long.  Called whether or not an object is
+ * active: one created while I/O is in flight must see the mappings.
+ */
+void memory_dedup_dma_map(void *host, hwaddr len);
+void memory_dedup_dma_unmap(void *host, hwaddr len);
 
 /*
  * From the background-snapshot capability check: its userfaultfd would
