@@ -11,8 +11,22 @@
  * threads read and rewrite their pages while the engine drops zero pages,
  * merges duplicates and sees the COWs.  Any read that does not match the
  * shadow is a lost write or a stale/zero read: the test fails.  TAP output.
+ *
+ * Device threads play disks with cache=none (ARCHITECTURE I8) in a
+ * second region: like a guest with init_on_alloc each zeroes a run of pages,
+ * then reads a file into them with O_DIRECT, so the host kernel pins the
+ * pages and the disk writes them directly while they are still zero, the
+ * pages the engine likes to drop.  Each read is announced with
+ * dedup_dma_map()/dedup_dma_unmap() as QEMU's address_space_map() does, and
+ * every byte must arrive.  QDEDUP_STRESS_IGNORE_DMA=1 switches the
+ * engine's check off (x-ignore-dma), to see the test fail.
+ *
+ *   engine-stress BROKER_SOCKET OPS [PAGES] [SEED] [DMA_FILE]
  */
 #define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <glib.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdatomic.h>
@@ -35,6 +49,95 @@ static uint64_t ops_per_thread;
 static atomic_uint_fast64_t bad, done_ops, full_checks;
 static atomic_bool engine_done;
 static DedupEngine *engine;
+
+/* The device: DMA_PAGES pages of their own, filled from a file. */
+#define DMA_PAGES 1024u
+#define DMA_RUN 64u             /* pages per read: 256 KiB */
+#define DMA_FILE_PAGES 4096u    /* 16 MiB of file */
+#define DMA_SHARED 64u          /* the file repeats itself: its pages merge too */
+#define DMA_DEVICES 2u          /* threads reading at once: a queue depth of 2 */
+static uint8_t *dma_ram;
+static int dma_fd = -1;
+static atomic_uint_fast64_t dma_reads, dma_bad_pages;
+
+static uint64_t dma_value(size_t file_page)
+{
+    /* Never 0: a read that left zeros is a lost read. */
+    return 0x0d0a000000000000ull | (file_page % DMA_SHARED + 1);
+}
+
+static void *device(void *arg)
+{
+    unsigned id = (uintptr_t)arg;
+    uint64_t rng = mix((uint64_t)getpid() * 31 + 5 + id);
+    const size_t runs = DMA_PAGES / DMA_RUN / DMA_DEVICES;
+
+    while (!atomic_load(&engine_done)) {
+        size_t run, fpage;
+        uint8_t *buf;
+        ssize_t got;
+
+        rng = mix(rng + 1);
+        /* Each device its own runs of pages, as each disk its own buffers. */
+        run = ((rng % runs) * DMA_DEVICES + id) * DMA_RUN;
+        fpage = ((rng >> 20) % (DMA_FILE_PAGES / DMA_RUN)) * DMA_RUN;
+        buf = dma_ram + run * PAGE;
+        /* init_on_alloc: the page-cache page is zeroed before the read. */
+        memset(buf, 0, DMA_RUN * PAGE);
+        usleep((rng >> 40) % 200);
+        dedup_dma_map(buf, DMA_RUN * PAGE);
+        got = pread(dma_fd, buf, DMA_RUN * PAGE, fpage * PAGE);
+        dedup_dma_unmap(buf, DMA_RUN * PAGE);
+        if (got != (ssize_t)(DMA_RUN * PAGE)) {
+            printf("# device: pread: %zd (%s)\n", got, strerror(errno));
+            atomic_fetch_add(&dma_bad_pages, DMA_RUN);
+            break;
+        }
+        for (size_t i = 0; i < DMA_RUN; i++) {
+            if (!check_page(buf + i * PAGE, dma_value(fpage + i))) {
+                if (atomic_fetch_add(&dma_bad_pages, 1) < 5) {
+                    printf("# device: page %zu of a read lost the disk's data "
+                           "(first word %#llx)\n", run + i,
+                           (unsigned long long)((uint64_t *)(buf + i * PAGE))[0]);
+                }
+            }
+        }
+        atomic_fetch_add(&dma_reads, 1);
+    }
+    return NULL;
+}
+
+static bool dma_setup(const char *path, char **why)
+{
+    g_autofree uint8_t *page = g_malloc(PAGE);
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+
+    if (fd < 0) {
+        *why = g_strdup_printf("%s: %s", path, strerror(errno));
+        return false;
+    }
+    for (size_t p = 0; p < DMA_FILE_PAGES; p++) {
+        fill(page, dma_value(p));
+        if (pwrite(fd, page, PAGE, p * PAGE) != PAGE) {
+            *why = g_strdup_printf("writing %s: %s", path, strerror(errno));
+            close(fd);
+            return false;
+        }
+    }
+    fsync(fd);
+    close(fd);
+    dma_fd = open(path, O_RDONLY | O_DIRECT);
+    if (dma_fd < 0) {
+        *why = g_strdup_printf("%s with O_DIRECT: %s", path, strerror(errno));
+        return false;
+    }
+    /* Out of the page cache: each read goes to the disk, by DMA. */
+    posix_fadvise(dma_fd, 0, 0, POSIX_FADV_DONTNEED);
+    dma_ram = mmap(NULL, DMA_PAGES * PAGE, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(dma_ram, 0, DMA_PAGES * PAGE);
+    return dma_ram != MAP_FAILED;
+}
 
 static void report_bad(size_t page, uint64_t v, const char *how)
 {
@@ -117,7 +220,9 @@ int main(int argc, char **argv)
     DedupConfig cfg = { .domain = "stress", .name = "engine-stress", .zero_pages = true,
                         .merge = true, .cpu_limit = 100, .pass_interval_ms = 20,
                         .max_vmas = 30000 };
-    pthread_t t[THREADS], ts, tf;
+    pthread_t t[THREADS], ts, tf, td[DMA_DEVICES];
+    const char *dma_path = argc > 5 ? argv[5] : NULL;
+    char *why = NULL;
     DedupStats st;
     DedupEngine *e;
     char *err = NULL;
@@ -152,7 +257,13 @@ int main(int argc, char **argv)
                                         : 1 + rand() % SHARED_VALUES;
         fill(ram + p * PAGE, shadow[p]);
     }
-    printf("TAP version 13\n1..10\n");
+    printf("TAP version 13\n1..%d\n", dma_path ? 11 : 10);
+    cfg.ignore_dma = getenv("QDEDUP_STRESS_IGNORE_DMA") &&
+                     !strcmp(getenv("QDEDUP_STRESS_IGNORE_DMA"), "1");
+    if (dma_path && !dma_setup(dma_path, &why)) {
+        printf("not ok 1 - the device's file: %s\n", why);
+        return 1;
+    }
     e = engine = dedup_engine_new(&cfg, &err);
     if (!e) {
         printf("not ok 1 - engine starts: %s\n", err);
@@ -165,6 +276,11 @@ int main(int argc, char **argv)
         return 1;
     }
     printf("ok %d - region of %zu pages added\n", ++n, npages);
+    if (dma_path && dedup_engine_add_region(e, "stress-dma", dma_ram, DMA_PAGES * PAGE,
+                                            DEDUP_REGION_DONTFORK, &err) < 0) {
+        printf("not ok 3 - the device's region added: %s\n", err);
+        return 1;
+    }
     pthread_create(&ts, NULL, scanner, e);
     pthread_create(&tf, NULL, faults, e);
     /* Let the engine merge a first time before the vCPUs start churning. */
@@ -175,6 +291,9 @@ int main(int argc, char **argv)
         }
         usleep(50000);
     }
+    for (unsigned i = 0; dma_path && i < DMA_DEVICES; i++) {
+        pthread_create(&td[i], NULL, device, (void *)(uintptr_t)i);
+    }
     for (unsigned i = 0; i < THREADS; i++) {
         pthread_create(&t[i], NULL, vcpu, (void *)(uintptr_t)i);
     }
@@ -182,10 +301,13 @@ int main(int argc, char **argv)
         pthread_join(t[i], NULL);
     }
     dedup_engine_get_stats(e, &st);
+    atomic_store(&engine_done, true);
+    for (unsigned i = 0; dma_path && i < DMA_DEVICES; i++) {
+        pthread_join(td[i], NULL);  /* before the engine stops: it must run meanwhile */
+    }
     dedup_engine_stop(e);
     pthread_join(ts, NULL);
     pthread_join(tf, NULL);
-    atomic_store(&engine_done, true);
     kernel_vmas = count_vmas((uintptr_t)ram, (uintptr_t)ram + npages * PAGE);
     dedup_engine_get_stats(e, &end);
     /*
@@ -239,7 +361,18 @@ int main(int argc, char **argv)
     printf("%s %d - VMA accounting matches the kernel: vmas-used %llu, "
            "the kernel has %llu VMAs over the region\n", vma_ok ? "ok" : "not ok",
            ++n, (unsigned long long)end.vmas_used, (unsigned long long)kernel_vmas);
-    ok = vma_ok && !atomic_load(&bad) && !final_bad && st.merges && st.cow_events &&
+    if (dma_path) {
+        printf("# device: %llu reads of %u KiB by O_DIRECT, %llu pages skipped by the "
+               "engine while a read was in flight, DMA tracking %s\n",
+               (unsigned long long)atomic_load(&dma_reads), DMA_RUN * PAGE / 1024,
+               (unsigned long long)end.dma_skipped, cfg.ignore_dma ? "OFF" : "on");
+        printf("%s %d - the device's %llu reads into the engine's RAM: %llu pages lost or "
+               "zeroed\n", !atomic_load(&dma_bad_pages) && atomic_load(&dma_reads) ? "ok"
+               : "not ok", ++n, (unsigned long long)atomic_load(&dma_reads),
+               (unsigned long long)atomic_load(&dma_bad_pages));
+        ok = ok && !atomic_load(&dma_bad_pages) && atomic_load(&dma_reads);
+    }
+    ok = ok && vma_ok && !atomic_load(&bad) && !final_bad && st.merges && st.cow_events &&
          st.zero_dropped && end.discarded && !unmerge_left && !after.pool_refs;
     dedup_engine_free(e);
     return ok ? 0 : 1;

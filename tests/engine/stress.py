@@ -3,7 +3,9 @@
 """Engine stress test: a real qemu-dedup-broker and two engine-stress
 processes in one trust domain (so pages merge across processes), each with
 vCPU threads checking every read against a shadow copy while the engine
-merges, drops zero pages and sees copy-on-write.  Then the broker's view:
+merges, drops zero pages and sees copy-on-write, and a device thread each
+reading a file into its RAM with O_DIRECT (DMA into pinned pages, announced
+as QEMU announces it).  Then the broker's view:
 both clients gone, every reference released.
 
 Usage: stress.py BUILD_DIR TOTAL_OPS [PAGES]
@@ -12,6 +14,7 @@ docs/memory-dedup.md for the 10^9 run)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,7 +50,10 @@ try:
     while not os.path.exists(control) and time.monotonic() < deadline:
         time.sleep(0.05)
     t.check(os.path.exists(control), "broker started")
-    procs = [subprocess.Popen([STRESS, sock, str(total_ops // 2), pages, str(seed)],
+    # Each process's device reads its own file by O_DIRECT: on the disk, not tmpfs.
+    dma_dir = tempfile.mkdtemp(prefix="qdedup-engine-dma-", dir="/var/tmp")
+    procs = [subprocess.Popen([STRESS, sock, str(total_ops // 2), pages, str(seed),
+                               os.path.join(dma_dir, f"disk{seed}")],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for seed in (1, 2)]
     outputs = [p.communicate(timeout=3000)[0] for p in procs]
@@ -59,8 +65,9 @@ try:
         for line in results:
             good = line.startswith("ok ")
             t.check(good, f"{name}: {line.split(' - ', 1)[-1]}")
-        t.check(p.returncode == 0 and len(results) == 10,
-                f"{name}: exited 0 after all 10 checks", out[-2000:])
+        t.check(p.returncode == 0 and len(results) == 11,
+                f"{name}: exited 0 after all 11 checks", out[-2000:])
+    shutil.rmtree(dma_dir, ignore_errors=True)
     # The processes have exited: the broker must hold nothing for them (I2).
     time.sleep(0.5)
     st = ctl("stats")
