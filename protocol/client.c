@@ -86,6 +86,13 @@ static int copy_results(const QdMessage *m, uint32_t n, QdResult *out)
 
 int qd_client_open(QdClient *c, const char *path, const QdHello *hello, QdError *err)
 {
+    return qd_client_open_watched(c, path, hello, err, NULL, NULL);
+}
+
+int qd_client_open_watched(QdClient *c, const char *path, const QdHello *hello,
+                           QdError *err, void (*watch)(void *opaque, int sock),
+                           void *opaque)
+{
     struct timeval tv = { .tv_sec = QD_CLIENT_TIMEOUT_S };
     QdMessage m;
     size_t len;
@@ -103,6 +110,9 @@ int qd_client_open(QdClient *c, const char *path, const QdHello *hello, QdError 
         ret = c->sock;
         c->sock = -1;
         goto fail;
+    }
+    if (watch) {
+        watch(opaque, c->sock);
     }
     /* A broker that accepts and never answers must not hold us. */
     setsockopt(c->sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
@@ -127,9 +137,15 @@ int qd_client_open(QdClient *c, const char *path, const QdHello *hello, QdError 
     }
     c->info = m.u.hello_reply;
     c->pool_fd = fd;
+    if (watch) {
+        watch(opaque, -1);
+    }
     return 0;
 
 fail:
+    if (watch && c->sock >= 0) {
+        watch(opaque, -1);
+    }
     if (fd >= 0) {
         close(fd);
     }

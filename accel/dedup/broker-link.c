@@ -74,22 +74,82 @@ void broker_check_closed(DedupEngine *e)
     }
 }
 
-/* Send UNREFs for slots whose last use went; the broker gives nothing back. */
-static void send_unref(DedupEngine *e, const uint64_t *slots, size_t n)
+/*
+ * Send UNREFs (scanner, e->lock not held); the broker gives nothing back.
+ * A chunk whose answer is lost (timeout, disconnect) may or may not have
+ * been done: it goes to unref_uncertain, the chunks not sent back to
+ * unref_due.  Returns false if the connection was lost.
+ */
+static bool send_unref(DedupEngine *e, const uint64_t *slots, size_t n)
 {
     Broker *b = &e->broker;
 
-    for (size_t i = 0; i < n && b->connected; i += QD_MAX_UNREF) {
+    for (size_t i = 0; i < n; i += QD_MAX_UNREF) {
+        size_t k = MIN(n - i, QD_MAX_UNREF);
         QdError err;
-        int ret = qd_client_unref(&b->client, slots + i, MIN(n - i, QD_MAX_UNREF), &err);
+        int ret = qd_client_unref(&b->client, slots + i, k, &err);
 
         if (ret < 0) {
+            g_mutex_lock(&e->lock);
+            g_array_append_vals(b->unref_uncertain, slots + i, k);
+            for (size_t j = i + k; j < n; j++) {
+                g_hash_table_add(b->unref_due, GSIZE_TO_POINTER((gsize)slots[j]));
+            }
             broker_lost(e, g_strerror(-ret));
+            g_mutex_unlock(&e->lock);
+            return false;
         } else if (ret > 0) {
             /* All or nothing, and we only give back what we hold: a bug. */
             g_warning("memory-dedup: broker refused UNREF: %s", err.message);
         }
     }
+    return true;
+}
+
+void broker_flush_unrefs(DedupEngine *e)
+{
+    Broker *b = &e->broker;
+    g_autoptr(GArray) out = g_array_new(FALSE, FALSE, sizeof(uint64_t));
+    GHashTableIter it;
+    gpointer key;
+
+    g_mutex_lock(&e->lock);
+    if (b->connected) {
+        g_hash_table_iter_init(&it, b->unref_due);
+        while (g_hash_table_iter_next(&it, &key, NULL)) {
+            uint64_t slot = GPOINTER_TO_SIZE(key);
+
+            g_array_append_val(out, slot);
+        }
+        g_hash_table_remove_all(b->unref_due);
+    }
+    engine_unlock(e);
+    if (out->len) {
+        send_unref(e, (uint64_t *)out->data, out->len);
+    }
+}
+
+/*
+ * Back with the same broker (REFS_KEPT), UNREFs whose fate we do not know
+ * go one at a time: one done already is answered NOT_HELD and changes
+ * nothing, so none is released twice and none is left behind.
+ */
+static void settle_uncertain_unrefs(DedupEngine *e)
+{
+    Broker *b = &e->broker;
+
+    for (guint i = 0; i < b->unref_uncertain->len; i++) {
+        uint64_t slot = g_array_index(b->unref_uncertain, uint64_t, i);
+        QdError err;
+
+        if (qd_slot_uses_count(&b->uses, slot) > 0) {
+            continue;   /* used again since: its reference is needed */
+        }
+        if (qd_client_unref(&b->client, &slot, 1, &err) < 0) {
+            return;     /* still uncertain; the caller notices the loss */
+        }
+    }
+    g_array_set_size(b->unref_uncertain, 0);
 }
 
 bool broker_took(DedupEngine *e, uint64_t slot)
@@ -97,20 +157,22 @@ bool broker_took(DedupEngine *e, uint64_t slot)
     Broker *b = &e->broker;
 
     if (qd_slot_uses_add(&b->uses, slot) > 0) {
+        /* Used again before its UNREF left: the broker still holds it for us. */
+        g_hash_table_remove(b->unref_due, GSIZE_TO_POINTER((gsize)slot));
         return true;
     }
     /* Not counted (no memory): the page will not map it; if it was the
-     * broker's new reference, give it back at once. */
+     * broker's new reference, give it back. */
     if (qd_slot_uses_count(&b->uses, slot) == 0) {
-        send_unref(e, &slot, 1);
+        g_hash_table_add(b->unref_due, GSIZE_TO_POINTER((gsize)slot));
     }
     return false;
 }
 
+/* Any thread, e->lock held: queues, never waits for the broker (I10). */
 void broker_unref(DedupEngine *e, const uint64_t *slots, size_t n)
 {
     Broker *b = &e->broker;
-    g_autoptr(GArray) last = g_array_new(FALSE, FALSE, sizeof(uint64_t));
 
     if (!n) {
         return;
@@ -120,18 +182,12 @@ void broker_unref(DedupEngine *e, const uint64_t *slots, size_t n)
         int64_t left = qd_slot_uses_drop(&b->uses, slots[i]);
 
         if (left == 0) {
-            g_array_append_val(last, slots[i]);
+            g_hash_table_add(b->unref_due, GSIZE_TO_POINTER((gsize)slots[i]));
         } else if (left < 0) {
             g_warning("memory-dedup: released slot %" G_GUINT64_FORMAT
                       " that no page used", slots[i]);
         }
     }
-    if (!b->connected) {
-        /* The broker keeps them until we reconnect (REFS_KEPT): send then. */
-        g_array_append_vals(b->unsent, last->data, last->len);
-        return;
-    }
-    send_unref(e, (uint64_t *)last->data, last->len);
 }
 
 typedef struct RestoreList {
@@ -165,7 +221,8 @@ static bool restore_refs(DedupEngine *e)
     QdResult res[QD_MAX_RESTORE];
 
     /* What went while we were away belonged to the old broker. */
-    g_array_set_size(b->unsent, 0);
+    g_hash_table_remove_all(b->unref_due);
+    g_array_set_size(b->unref_uncertain, 0);
     qd_slot_uses_foreach(&b->uses, add_restore, &list);
     for (guint i = 0; i < entries->len; i += QD_MAX_RESTORE) {
         uint32_t n = MIN(entries->len - i, QD_MAX_RESTORE);
@@ -229,7 +286,8 @@ static void leave_old_pool(DedupEngine *e)
     uint64_t left = unmerge_locked(e, UINT64_MAX);
 
     /* The UNREFs unmerging queued were for a pool no broker counts. */
-    g_array_set_size(b->unsent, 0);
+    g_hash_table_remove_all(b->unref_due);
+    g_array_set_size(b->unref_uncertain, 0);
     if (left) {
         g_warning("memory-dedup: the broker has a new pool; %" G_GUINT64_FORMAT
                   " pages still map the old one, trying again", left);
@@ -241,14 +299,19 @@ static void leave_old_pool(DedupEngine *e)
               "merging again");
 }
 
-static bool broker_connect(DedupEngine *e)
+static void watch_hello(void *opaque, int sock)
+{
+    broker_io(opaque, sock);
+}
+
+/*
+ * Connect and say HELLO: scanner, e->lock not held (the answer may take
+ * the client's 5 s timeout).  Reads only what the scanner alone changes.
+ */
+static int broker_hello(DedupEngine *e, QdError *err)
 {
     Broker *b = &e->broker;
     QdHello h = { .version = QD_PROTO_VERSION, .pid = getpid() };
-    struct timeval tv = { .tv_sec = REPLY_TIMEOUT_S };
-    QdError err = { 0 };
-    struct stat st;
-    int ret;
 
     memcpy(h.uuid, e->cfg.uuid, sizeof(h.uuid));
     g_strlcpy(h.name, e->name ? e->name : "", sizeof(h.name));
@@ -264,7 +327,17 @@ static bool broker_connect(DedupEngine *e)
         h.pool_ino = b->pool_ino;
         h.pool_fd = b->pool_fd;
     }
-    ret = qd_client_open(&b->client, e->broker_path, &h, &err);
+    return qd_client_open_watched(&b->client, e->broker_path, &h, err, watch_hello, e);
+}
+
+/* After broker_hello() answered ret: e->lock held. */
+static bool broker_connect(DedupEngine *e, int ret, QdError *errp)
+{
+    Broker *b = &e->broker;
+    struct timeval tv = { .tv_sec = REPLY_TIMEOUT_S };
+    QdError err = *errp;
+    struct stat st;
+
     b->denied = ret == QD_ERR_DENIED;
     if (ret) {
         if (b->denied) {
@@ -311,11 +384,9 @@ static bool broker_connect(DedupEngine *e)
         }
         b->connected = true;
         if (b->client.info.flags & QD_REPLY_REFS_KEPT) {
-            /* Same broker: give back what went while we were away. */
-            g_autoptr(GArray) unsent = b->unsent;
-
-            b->unsent = g_array_new(FALSE, FALSE, sizeof(uint64_t));
-            send_unref(e, (uint64_t *)unsent->data, unsent->len);
+            /* Same broker: what went while we were away is due (the scanner
+             * sends it); what may have gone already, one at a time. */
+            settle_uncertain_unrefs(e);
         } else if (!restore_refs(e)) {
             b->connected = false;
             qd_client_close(&b->client);
@@ -330,6 +401,8 @@ bool broker_usable(DedupEngine *e)
 {
     Broker *b = &e->broker;
     int64_t now = g_get_monotonic_time();
+    QdError err = { 0 };
+    int ret;
 
     if (b->connected) {
         return true;
@@ -337,9 +410,12 @@ bool broker_usable(DedupEngine *e)
     if (now < b->next_attempt_us) {
         return false;
     }
-    if (!broker_connect(e)) {
+    ret = broker_hello(e, &err);
+    g_mutex_lock(&e->lock);
+    if (!broker_connect(e, ret, &err)) {
         b->backoff_us = CLAMP(b->backoff_us * 2, BACKOFF_MIN_US, BACKOFF_MAX_US);
         b->next_attempt_us = now + (b->denied ? DENIED_BACKOFF_US : b->backoff_us);
+        engine_unlock(e);
         return false;
     }
     if (b->ever_connected) {
@@ -349,7 +425,80 @@ bool broker_usable(DedupEngine *e)
     g_message("memory-dedup: connected to the broker at %s (domain '%s')",
               e->broker_path, e->domain ? e->domain : "");
     engine_notify(e, DEDUP_EVENT_BROKER_REGAINED);
+    engine_unlock(e);
     return true;
+}
+
+typedef struct UnrefHandover {
+    QdClient client;
+    GArray *slots;
+} UnrefHandover;
+
+static gpointer unref_handover_thread(gpointer opaque)
+{
+    UnrefHandover *h = opaque;
+    uint64_t *slots = (uint64_t *)h->slots->data;
+
+    for (guint i = 0; i < h->slots->len; i += QD_MAX_UNREF) {
+        QdError err;
+
+        if (qd_client_unref(&h->client, slots + i, MIN(h->slots->len - i, QD_MAX_UNREF),
+                            &err) < 0) {
+            break;      /* the broker keeps them until this process exits */
+        }
+    }
+    qd_client_close(&h->client);
+    g_array_free(h->slots, TRUE);
+    g_free(h);
+    return NULL;
+}
+
+/*
+ * The engine goes (object-del) with UNREFs still due: a thread of their
+ * own sends them on our connection and closes it, so that the monitor,
+ * which deletes the object under the BQL, does not wait for the broker
+ * (I10).  Threads stopped; e->lock not needed.
+ */
+void broker_hand_over_unrefs(DedupEngine *e)
+{
+    Broker *b = &e->broker;
+    UnrefHandover *h;
+    GHashTableIter it;
+    gpointer key;
+
+    if (!b->connected || !g_hash_table_size(b->unref_due)) {
+        return;
+    }
+    h = g_new0(UnrefHandover, 1);
+    h->slots = g_array_new(FALSE, FALSE, sizeof(uint64_t));
+    g_hash_table_iter_init(&it, b->unref_due);
+    while (g_hash_table_iter_next(&it, &key, NULL)) {
+        uint64_t slot = GPOINTER_TO_SIZE(key);
+
+        g_array_append_val(h->slots, slot);
+    }
+    g_hash_table_remove_all(b->unref_due);
+    h->client = b->client;
+    b->client.sock = -1;
+    b->client.pool_fd = -1;
+    b->client.buf = NULL;
+    b->connected = false;
+    g_thread_unref(g_thread_new("dedup-release", unref_handover_thread, h));
+}
+
+/*
+ * Scanner: a request to the broker is starting (fd) or over (-1).  While
+ * one is in flight, dedup_engine_stop() shuts the socket down so that the
+ * scanner does not keep object-del waiting for the reply's timeout.
+ */
+void broker_io(DedupEngine *e, int fd)
+{
+    g_mutex_lock(&e->ctl_lock);
+    e->broker.io_fd = fd;
+    if (fd >= 0 && e->stopping) {
+        shutdown(fd, SHUT_RDWR);
+    }
+    g_mutex_unlock(&e->ctl_lock);
 }
 
 void broker_close(DedupEngine *e)

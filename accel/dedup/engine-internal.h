@@ -47,6 +47,7 @@ typedef struct Region {
      */
     uint32_t *hash;
     uint64_t vmas;          /* extra VMAs our mappings cost here (I7) */
+    uint64_t id;            /* unique: tells a removed region from a new one */
 } Region;
 
 typedef struct Broker {
@@ -58,7 +59,17 @@ typedef struct Broker {
      * (HIT or STORED) and given back when the last use goes.
      */
     QdSlotUses uses;
-    GArray *unsent;         /* slots whose last use went while disconnected */
+    /*
+     * Slots whose last use went: their UNREF is due.  Any thread queues
+     * (under e->lock); only the scanner sends, never under e->lock, so no
+     * discard or RAM-block removal waits for the broker (I10).  A slot that
+     * is used again before the UNREF left is simply taken off: the broker
+     * still holds its reference.
+     */
+    GHashTable *unref_due;
+    /* UNREFs lost to a timeout or a disconnect: done or not, we cannot tell. */
+    GArray *unref_uncertain;
+    int io_fd;              /* socket of the request in flight, or -1 (ctl_lock) */
     int pool_fd;            /* read-only, kept across reconnects */
     uint8_t *pool_view;     /* pool_fd mapped read-only, for compares */
     size_t pool_view_len;
@@ -101,6 +112,7 @@ struct DedupEngine {
     bool budget_reported;
     unsigned idle_passes;       /* quiet passes in a row (scanner thread) */
     DedupStats st;          /* counters; "now" figures computed per pass */
+    uint64_t next_region_id;
 };
 
 /* Leave an e->lock section, first publishing its figures to readers. */
@@ -162,7 +174,8 @@ static inline bool pool_mapped(const Region *r, size_t p)
 int remap_flags(Region *r, void *addr, size_t len);
 
 /* broker-link.c */
-bool broker_usable(DedupEngine *e);     /* connects (with backoff) if needed */
+/* Scanner, e->lock not held: connects (with backoff) if needed. */
+bool broker_usable(DedupEngine *e);
 void broker_lost(DedupEngine *e, const char *why);
 /*
  * A page now maps slot (the broker answered HIT or STORED for it).  False if
@@ -171,6 +184,10 @@ void broker_lost(DedupEngine *e, const char *why);
 bool broker_took(DedupEngine *e, uint64_t slot);
 /* One page each no longer maps slots[i]: the last use gives the reference back. */
 void broker_unref(DedupEngine *e, const uint64_t *slots, size_t n);
+/* Scanner only, e->lock not held: send the UNREFs that are due. */
+void broker_flush_unrefs(DedupEngine *e);
+void broker_hand_over_unrefs(DedupEngine *e);
+void broker_io(DedupEngine *e, int fd);
 const uint8_t *broker_pool_page(DedupEngine *e, uint64_t slot);
 void broker_close(DedupEngine *e);
 /* Unmap and close the pool: only when no page maps it any more. */

@@ -30,6 +30,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "engine-internal.h"
@@ -62,7 +63,9 @@ DedupEngine *dedup_engine_new(const DedupConfig *cfg, char **errmsg)
     e->enabled = true;
     e->regions = g_ptr_array_new();
     e->broker.pool_fd = -1;
-    e->broker.unsent = g_array_new(FALSE, FALSE, sizeof(uint64_t));
+    e->broker.unref_due = g_hash_table_new(g_direct_hash, g_direct_equal);
+    e->broker.io_fd = -1;
+    e->broker.unref_uncertain = g_array_new(FALSE, FALSE, sizeof(uint64_t));
     e->pagemap_fd = -1;
     e->uffd = -1;
     e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -89,6 +92,10 @@ void dedup_engine_stop(DedupEngine *e)
 
     g_mutex_lock(&e->ctl_lock);
     e->stopping = true;
+    if (e->broker.io_fd >= 0) {
+        /* Waiting for the broker: the reply will not come, nobody waits for it. */
+        shutdown(e->broker.io_fd, SHUT_RDWR);
+    }
     g_cond_broadcast(&e->ctl_cond);
     g_mutex_unlock(&e->ctl_lock);
     if (write(e->stop_fd, &one, sizeof(one)) < 0) {
@@ -114,6 +121,7 @@ void dedup_engine_free(DedupEngine *e)
     if (!e) {
         return;
     }
+    broker_hand_over_unrefs(e);
     broker_close(e);
     for (guint i = 0; i < e->regions->len; i++) {
         Region *r = g_ptr_array_index(e->regions, i);
@@ -128,7 +136,8 @@ void dedup_engine_free(DedupEngine *e)
         broker_release_pool(e);
     }
     qd_slot_uses_destroy(&e->broker.uses);
-    g_array_free(e->broker.unsent, TRUE);
+    g_hash_table_destroy(e->broker.unref_due);
+    g_array_free(e->broker.unref_uncertain, TRUE);
     g_ptr_array_free(e->regions, TRUE);
     if (e->uffd >= 0) {
         /* Closing unregisters every range and wakes any blocked writer. */
@@ -181,6 +190,7 @@ int dedup_engine_add_region(DedupEngine *e, const char *name, void *host,
     memset(r->slot, 0xff, r->npages * sizeof(uint32_t));
     r->hash = g_new0(uint32_t, r->npages);
     g_mutex_lock(&e->lock);
+    r->id = ++e->next_region_id;
     g_ptr_array_add(e->regions, r);
     e->st.covered_bytes += len;
     engine_unlock(e);
@@ -387,19 +397,61 @@ static int cmp_items(const void *a, const void *b)
     return x->page < y->page ? -1 : x->page > y->page;
 }
 
-/* Ask the broker about the batch's candidates; merge the matches. */
-static void lookup_and_merge(DedupEngine *e, Batch *b)
+/* Is r, seen before e->lock was let go, still one of ours? */
+static bool region_alive(DedupEngine *e, const Region *r, uint64_t id)
+{
+    for (guint i = 0; i < e->regions->len; i++) {
+        const Region *x = g_ptr_array_index(e->regions, i);
+
+        if (x == r && x->id == id) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* References the broker just gave for pages we will not map: back. */
+static void give_back(DedupEngine *e, const QdResult *res, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if ((res[i].result == QD_RESULT_HIT || res[i].result == QD_RESULT_STORED) &&
+            qd_slot_uses_count(&e->broker.uses, res[i].slot) == 0) {
+            g_hash_table_add(e->broker.unref_due, GSIZE_TO_POINTER((gsize)res[i].slot));
+        }
+    }
+}
+
+/*
+ * Ask the broker about the batch's candidates; merge the matches.  Called
+ * with e->lock held; lets it go while the broker answers (I10), so a
+ * discard, a RAM-block removal or the monitor never waits for the broker.
+ * Meanwhile pages may change (the merge compares them under protection)
+ * and b->r may go: false then, and b->r must not be touched.
+ */
+static bool lookup_and_merge(DedupEngine *e, Batch *b)
 {
     g_autofree MergeItem *items = g_new(MergeItem, b->nlookup);
     g_autofree uint32_t *publish = g_new(uint32_t, b->nlookup);
+    g_autofree uint8_t *copies = NULL;
     size_t nitems = 0, npublish = 0;
+    uint64_t rid = b->r->id;
     QdError err;
     int ret;
 
+    engine_unlock(e);
+    broker_io(e, e->broker.client.sock);
     ret = qd_client_lookup(&e->broker.client, b->lookup, b->nlookup, b->result, &err);
+    broker_io(e, -1);
+    g_mutex_lock(&e->lock);
+    if (!region_alive(e, b->r, rid)) {
+        if (!ret) {
+            give_back(e, b->result, b->nlookup);
+        }
+        return false;
+    }
     if (ret) {
         broker_lost(e, ret < 0 ? g_strerror(-ret) : err.message);
-        return;
+        return true;
     }
     for (size_t i = 0; i < b->nlookup; i++) {
         if (b->result[i].result == QD_RESULT_HIT) {
@@ -425,7 +477,10 @@ static void lookup_and_merge(DedupEngine *e, Batch *b)
         }
     }
     engine_trace(e, DEDUP_TRACE_LOOKUP, b->r, b->nlookup, nitems);     /* nitems: hits */
-    for (size_t i = 0; i < npublish; i += QD_MAX_PUBLISH) {
+    if (npublish) {
+        copies = g_malloc(MIN(npublish, QD_MAX_PUBLISH) * DEDUP_PAGE);
+    }
+    for (size_t i = 0; i < npublish && e->broker.connected; i += QD_MAX_PUBLISH) {
         uint32_t n = MIN(npublish - i, QD_MAX_PUBLISH);
         QdLookupEntry pe[QD_MAX_PUBLISH];
         const void *pages[QD_MAX_PUBLISH];
@@ -433,10 +488,30 @@ static void lookup_and_merge(DedupEngine *e, Batch *b)
 
         for (uint32_t j = 0; j < n; j++) {
             pe[j] = b->lookup[publish[i + j]];
-            /* Read without protection: the broker hashes what it receives. */
-            pages[j] = b->r->host + pe[j].cookie * DEDUP_PAGE;
+            /*
+             * Copied under e->lock (the RAM may go once we let it go), read
+             * without protection: the broker hashes what it receives.
+             */
+            memcpy(copies + j * DEDUP_PAGE, b->r->host + pe[j].cookie * DEDUP_PAGE,
+                   DEDUP_PAGE);
+            pages[j] = copies + j * DEDUP_PAGE;
         }
+        engine_unlock(e);
+        broker_io(e, e->broker.client.sock);
         ret = qd_client_publish(&e->broker.client, pe, pages, n, pr, &err);
+        broker_io(e, -1);
+        g_mutex_lock(&e->lock);
+        if (!region_alive(e, b->r, rid)) {
+            for (size_t k = 0; k < nitems; k++) {
+                uint64_t slot = items[k].slot;
+
+                broker_unref(e, &slot, 1);      /* taken above, mapped by nothing */
+            }
+            if (!ret) {
+                give_back(e, pr, n);
+            }
+            return false;
+        }
         if (ret) {
             broker_lost(e, ret < 0 ? g_strerror(-ret) : err.message);
             break;
@@ -450,7 +525,7 @@ static void lookup_and_merge(DedupEngine *e, Batch *b)
         engine_trace(e, DEDUP_TRACE_PUBLISH, b->r, n, nitems);
     }
     if (!nitems) {
-        return;
+        return true;
     }
     qsort(items, nitems, sizeof(*items), cmp_items);
     if (!budget_left(e, 2 * nitems)) {
@@ -461,28 +536,33 @@ static void lookup_and_merge(DedupEngine *e, Batch *b)
             slots[i] = items[i].slot;
         }
         broker_unref(e, slots, nitems);
-        return;
+        return true;
     }
     merge_pages(e, items, nitems);
     e->st.vmas_used = engine_vmas(e);
+    return true;
 }
 
-static void process_batch(DedupEngine *e, Batch *b, PassTotals *t)
+/*
+ * One batch of b->r, e->lock held (let go while the broker answers).
+ * False if b->r went meanwhile: the caller must not touch it.
+ */
+static bool process_batch(DedupEngine *e, Batch *b, PassTotals *t)
 {
     bool merging;
 
     b->nzero = b->nlookup = b->ncowed = 0;
     if (pagemap_flags(e, b->r->host + b->first * DEDUP_PAGE, b->n, b->pm) < 0) {
-        return;
+        return true;
     }
-    merging = e->cfg.merge && broker_usable(e) && budget_left(e, 2);
+    merging = e->cfg.merge && e->broker.connected && budget_left(e, 2);
     classify(e, b, t, merging);
     if (b->nzero) {
         drop_zero_pages(e, b->r, b->zero, b->nzero);
         t->zero_now += b->nzero;
     }
-    if (b->nlookup && e->broker.connected) {
-        lookup_and_merge(e, b);
+    if (b->nlookup && e->broker.connected && !lookup_and_merge(e, b)) {
+        return false;
     }
     if (b->nzero || b->nlookup) {
         thp_split_batch(e, b->r, b->pm, b->first, b->n);
@@ -497,6 +577,7 @@ static void process_batch(DedupEngine *e, Batch *b, PassTotals *t)
             t->merged_now -= MIN(merged, t->merged_now);
         }
     }
+    return true;
 }
 
 /* Sleep as long as the CPU limit asks, or until stopped; false if stopped. */
@@ -588,7 +669,10 @@ void dedup_engine_run_scanner(DedupEngine *e)
             /* A step at a time, within the CPU limit, until nothing is left. */
             int64_t cpu0 = thread_cpu_ns();
             bool left = dedup_engine_unmerge(e, UNMERGE_STEP) > 0;
-            int64_t cpu1 = thread_cpu_ns();
+            int64_t cpu1;
+
+            broker_flush_unrefs(e);
+            cpu1 = thread_cpu_ns();
 
             __atomic_store_n(&e->cpu_ns_scanner, cpu1, __ATOMIC_RELAXED);
             if (!pace(e, cpu1 - cpu0, (g_get_monotonic_time() - pass_start) * 1000,
@@ -598,8 +682,18 @@ void dedup_engine_run_scanner(DedupEngine *e)
             continue;
         }
         PassTotals t = { 0 };
+
         size_t ri = 0, page = 0;
         uint64_t work_before = work_done(&e->st), quiet_pages;
+
+        /*
+         * (Re)connect once a pass, not per batch: a broker that accepts and
+         * never answers costs a pass the HELLO's timeout, and zero pages
+         * are still dropped in between.  Without e->lock (I10).
+         */
+        if (e->cfg.merge) {
+            broker_usable(e);
+        }
 
         for (;;) {
             int64_t cpu0 = thread_cpu_ns(), wall0 = g_get_monotonic_time();
@@ -608,6 +702,8 @@ void dedup_engine_run_scanner(DedupEngine *e)
             if (__atomic_load_n(&e->unmerging, __ATOMIC_RELAXED)) {
                 break;      /* merge no more */
             }
+            /* Broker I/O here is made without e->lock (I10). */
+            broker_flush_unrefs(e);
             g_mutex_lock(&e->lock);
             if (ri >= e->regions->len) {
                 engine_unlock(e);
@@ -616,11 +712,14 @@ void dedup_engine_run_scanner(DedupEngine *e)
             b->r = g_ptr_array_index(e->regions, ri);
             b->first = page;
             b->n = MIN(DEDUP_BATCH, b->r->npages - page);
-            process_batch(e, b, &t);
-            page += b->n;
-            if (page >= b->r->npages) {
-                ri++;
-                page = 0;
+            if (!process_batch(e, b, &t)) {
+                page = 0;       /* the region went: ri names the next one now */
+            } else {
+                page += b->n;
+                if (page >= b->r->npages) {
+                    ri++;
+                    page = 0;
+                }
             }
             engine_unlock(e);
             cpu1 = thread_cpu_ns();
@@ -647,6 +746,7 @@ void dedup_engine_run_scanner(DedupEngine *e)
         e->idle_passes = t.changed + work_done(&e->st) - work_before > quiet_pages
                          ? 0 : MIN(e->idle_passes + 1, IDLE_BACKOFF_MAX);
         engine_unlock(e);
+        broker_flush_unrefs(e);
         if (!pause_between_passes(e, quiet_pages)) {
             break;
         }

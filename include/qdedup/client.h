@@ -35,6 +35,14 @@ typedef struct QdClient {
  * sent).
  */
 int qd_client_open(QdClient *c, const char *path, const QdHello *hello, QdError *err);
+/*
+ * The same, calling watch(opaque, sock) once the socket is connected and
+ * watch(opaque, -1) before it returns: meanwhile another thread may
+ * shutdown() the socket to make it give up at once.
+ */
+int qd_client_open_watched(QdClient *c, const char *path, const QdHello *hello,
+                           QdError *err, void (*watch)(void *opaque, int sock),
+                           void *opaque);
 void qd_client_close(QdClient *c);
 
 int qd_client_lookup(QdClient *c, const QdLookupEntry *e, uint32_t n,
