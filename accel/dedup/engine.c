@@ -367,7 +367,7 @@ static void classify(DedupEngine *e, Batch *b, PassTotals *t, bool merging)
         }
         h = qd_hash_page(r->host + p * DEDUP_PAGE);
         e->st.scanned_pages++;
-        if (qd_hash_equal(h, zero_hash)) {
+        if (qd_hash_equal(h, zero_hash) && !(r->flags & DEDUP_REGION_FILE)) {
             if (kind != PAGE_COWED && e->cfg.zero_pages) {
                 b->zero[b->nzero++] = p;
             } else if (kind == PAGE_COWED) {

@@ -23,6 +23,12 @@ enum {
     DEDUP_REGION_DONTFORK = 1 << 0,
     DEDUP_REGION_DONTDUMP = 1 << 1,
     DEDUP_REGION_HUGEPAGE = 1 << 2,
+    /*
+     * A private mapping of a file (memory-backend-file or -memfd with
+     * share=off): MADV_DONTNEED there reads the file again, not zeros
+     * (I9), so its zero pages merge with the pool's zero page instead.
+     */
+    DEDUP_REGION_FILE = 1 << 3,
 };
 
 typedef enum DedupEvent {

@@ -266,7 +266,8 @@ static void memory_dedup_ram_added(RAMBlockNotifier *n, void *host, size_t size,
     }
     if (dedup_engine_add_region(md->engine, rb->idstr, rb->host, rb->used_length,
                                 DEDUP_REGION_DONTFORK |
-                                (memory_dedup_dontdump(rb) ? DEDUP_REGION_DONTDUMP : 0),
+                                (memory_dedup_dontdump(rb) ? DEDUP_REGION_DONTDUMP : 0) |
+                                (rb->fd >= 0 ? DEDUP_REGION_FILE : 0),
                                 &err) < 0) {
         warn_report("memory-dedup '%s': %s", memory_dedup_id(md), err);
         g_ptr_array_add(md->refused, g_strdup_printf("%s: %s", rb->idstr, err));

@@ -187,6 +187,9 @@ static void dontneed(struct iovec *iov, size_t n)
 
 void drop_zero_pages(DedupEngine *e, Region *r, const size_t *pages, size_t n)
 {
+    if (r->flags & DEDUP_REGION_FILE) {
+        return;     /* the file would show through (I9); classify() merges them */
+    }
     for (size_t i = 0; i < n;) {
         struct iovec iov[RUN_MAX];
         uint8_t *base = r->host + pages[i] * DEDUP_PAGE;
