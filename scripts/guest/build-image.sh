@@ -19,7 +19,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 # Modules loaded at boot (with what they depend on), for the devices later
 # tests give the guest.
-modules="virtio_pci virtio_balloon virtio_mem"
+modules="virtio_pci virtio_balloon virtio_mem virtio_blk"
 
 cache_dir=${QDEDUP_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/qdedup}
 case ${1:-} in
@@ -71,7 +71,8 @@ fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 dpkg-deb --fsys-tarfile "$deb" |
-    tar -x -C "$tmp" --wildcards './boot/vmlinuz-*' './lib/modules/*/kernel/drivers/virtio/*'
+    tar -x -C "$tmp" --wildcards './boot/vmlinuz-*' './lib/modules/*/kernel/drivers/virtio/*' \
+        './lib/modules/*/kernel/drivers/block/virtio_blk.ko'
 moddir=$(echo "$tmp"/lib/modules/*/kernel)
 
 # The initramfs tree.
