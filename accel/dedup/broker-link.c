@@ -137,19 +137,35 @@ void broker_flush_unrefs(DedupEngine *e)
 static void settle_uncertain_unrefs(DedupEngine *e)
 {
     Broker *b = &e->broker;
+    g_autoptr(GArray) todo = g_array_new(FALSE, FALSE, sizeof(uint64_t));
 
     for (guint i = 0; i < b->unref_uncertain->len; i++) {
         uint64_t slot = g_array_index(b->unref_uncertain, uint64_t, i);
-        QdError err;
 
-        if (qd_slot_uses_count(&b->uses, slot) > 0) {
-            continue;   /* used again since: its reference is needed */
-        }
-        if (qd_client_unref(&b->client, &slot, 1, &err) < 0) {
-            return;     /* still uncertain; the caller notices the loss */
+        /* Used again since (before the loss): its reference is needed. */
+        if (qd_slot_uses_count(&b->uses, slot) == 0) {
+            g_array_append_val(todo, slot);
         }
     }
     g_array_set_size(b->unref_uncertain, 0);
+    engine_unlock(e);           /* I10, as for every request */
+    for (guint i = 0; i < todo->len; i++) {
+        uint64_t slot = g_array_index(todo, uint64_t, i);
+        QdError err;
+        int ret;
+
+        broker_io(e, b->client.sock);
+        ret = qd_client_unref(&b->client, &slot, 1, &err);
+        broker_io(e, -1);
+        if (ret < 0) {
+            /* Still uncertain; the next request notices the loss. */
+            g_mutex_lock(&e->lock);
+            g_array_append_vals(b->unref_uncertain, &g_array_index(todo, uint64_t, i),
+                                todo->len - i);
+            return;
+        }
+    }
+    g_mutex_lock(&e->lock);
 }
 
 bool broker_took(DedupEngine *e, uint64_t slot)
@@ -224,13 +240,23 @@ static bool restore_refs(DedupEngine *e)
     g_hash_table_remove_all(b->unref_due);
     g_array_set_size(b->unref_uncertain, 0);
     qd_slot_uses_foreach(&b->uses, add_restore, &list);
+    /*
+     * Without e->lock while the broker answers (I10).  Meanwhile other
+     * threads may only let slots go (their UNREFs queue): one restored
+     * here is given back later, one refused is taken off the queue below.
+     */
+    engine_unlock(e);
     for (guint i = 0; i < entries->len; i += QD_MAX_RESTORE) {
         uint32_t n = MIN(entries->len - i, QD_MAX_RESTORE);
         QdError err;
-        int ret = qd_client_restore(&b->client, &g_array_index(entries, QdRestoreEntry, i),
-                                    n, res, &err);
+        int ret;
 
+        broker_io(e, b->client.sock);
+        ret = qd_client_restore(&b->client, &g_array_index(entries, QdRestoreEntry, i),
+                                n, res, &err);
+        broker_io(e, -1);
         if (ret) {
+            g_mutex_lock(&e->lock);
             return false;
         }
         for (uint32_t k = 0; k < n; k++) {
@@ -241,8 +267,19 @@ static bool restore_refs(DedupEngine *e)
             }
         }
     }
+    g_mutex_lock(&e->lock);
     if (!g_hash_table_size(refused)) {
         return true;
+    }
+    {
+        GHashTableIter it;
+        gpointer key;
+
+        /* The broker holds no reference to give back for them. */
+        g_hash_table_iter_init(&it, refused);
+        while (g_hash_table_iter_next(&it, &key, NULL)) {
+            g_hash_table_remove(b->unref_due, key);
+        }
     }
     for (guint i = 0; i < e->regions->len; i++) {
         Region *r = g_ptr_array_index(e->regions, i);
