@@ -113,7 +113,20 @@ struct DedupEngine {
     unsigned idle_passes;       /* quiet passes in a row (scanner thread) */
     DedupStats st;          /* counters; "now" figures computed per pass */
     uint64_t next_region_id;
+    /*
+     * Removed regions whose references wait until QEMU really unmapped
+     * their RAM (DetachedRun): until then our mappings of the pool stay.
+     */
+    GArray *unmap_wait;
 };
+
+typedef struct DetachedRun {
+    uintptr_t lo, hi;       /* the removed region's addresses */
+    GArray *slots;          /* uint64_t: one per page that mapped the pool */
+} DetachedRun;
+
+/* Scanner, e->lock not held: release what removed regions no longer map. */
+void engine_release_unmapped(DedupEngine *e);
 
 /* Leave an e->lock section, first publishing its figures to readers. */
 void engine_unlock(DedupEngine *e);

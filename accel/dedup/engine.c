@@ -31,6 +31,7 @@
 #include <sys/mman.h>
 #include <time.h>
 #include <sys/socket.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include "engine-internal.h"
@@ -65,6 +66,7 @@ DedupEngine *dedup_engine_new(const DedupConfig *cfg, char **errmsg)
     e->broker.pool_fd = -1;
     e->broker.unref_due = g_hash_table_new(g_direct_hash, g_direct_equal);
     e->broker.io_fd = -1;
+    e->unmap_wait = g_array_new(FALSE, FALSE, sizeof(DetachedRun));
     e->broker.unref_uncertain = g_array_new(FALSE, FALSE, sizeof(uint64_t));
     e->pagemap_fd = -1;
     e->uffd = -1;
@@ -136,6 +138,11 @@ void dedup_engine_free(DedupEngine *e)
         broker_release_pool(e);
     }
     qd_slot_uses_destroy(&e->broker.uses);
+    for (guint i = 0; i < e->unmap_wait->len; i++) {
+        /* Still mapped, or QEMU exits: the broker keeps them until then (I2). */
+        g_array_free(g_array_index(e->unmap_wait, DetachedRun, i).slots, TRUE);
+    }
+    g_array_free(e->unmap_wait, TRUE);
     g_hash_table_destroy(e->broker.unref_due);
     g_array_free(e->broker.unref_uncertain, TRUE);
     g_ptr_array_free(e->regions, TRUE);
@@ -200,6 +207,7 @@ int dedup_engine_add_region(DedupEngine *e, const char *name, void *host,
 void dedup_engine_remove_region(DedupEngine *e, void *host)
 {
     g_autoptr(GArray) slots = g_array_new(FALSE, FALSE, sizeof(uint64_t));
+    size_t len = 0;
 
     g_mutex_lock(&e->lock);
     for (guint i = 0; i < e->regions->len; i++) {
@@ -221,17 +229,69 @@ void dedup_engine_remove_region(DedupEngine *e, void *host)
                 g_array_append_val(slots, s);
             }
         }
-        e->st.covered_bytes -= r->npages * DEDUP_PAGE;
+        len = r->npages * DEDUP_PAGE;
+        e->st.covered_bytes -= len;
         g_ptr_array_remove_index(e->regions, i);
         region_free(r);
         break;
     }
     /*
-     * Released now, before the caller's munmap: harmless only because the
-     * broker never frees a slot that another client maps, and punching one
-     * that only we map makes our dying mapping read zeros nobody reads.
+     * The caller unmaps the RAM later (after an RCU grace period, or
+     * never, for RAM QEMU keeps): the references go only once no mapping
+     * of the pool is left in the range (engine_release_unmapped), so the
+     * broker cannot punch a slot our pages still map (I2).
      */
-    broker_unref(e, (uint64_t *)slots->data, slots->len);
+    if (slots->len) {
+        DetachedRun run = { (uintptr_t)host, (uintptr_t)host + len,
+                            g_steal_pointer(&slots) };
+
+        g_array_append_val(e->unmap_wait, run);
+    }
+    engine_unlock(e);
+}
+
+/* Does this process still map the pool inside [lo, hi)? (/proc/self/maps) */
+static bool pool_mapped_in(const Broker *b, uintptr_t lo, uintptr_t hi)
+{
+    g_autofree char *text = NULL;
+    bool mapped = false;
+
+    if (!g_file_get_contents("/proc/self/maps", &text, NULL, NULL)) {
+        return true;    /* cannot tell: keep the references */
+    }
+    for (char *line = text; line && *line && !mapped;) {
+        char *next = strchr(line, '\n');
+        unsigned long long start, end, ino;
+        unsigned int major, minor;
+
+        if (sscanf(line, "%llx-%llx %*s %*x %x:%x %llu", &start, &end, &major, &minor,
+                   &ino) == 5) {
+            mapped = ino == b->pool_ino && makedev(major, minor) == b->pool_dev &&
+                     start < hi && lo < end;
+        }
+        line = next ? next + 1 : NULL;
+    }
+    return mapped;
+}
+
+void engine_release_unmapped(DedupEngine *e)
+{
+    g_mutex_lock(&e->lock);
+    if (!e->unmap_wait->len) {
+        g_mutex_unlock(&e->lock);
+        return;
+    }
+    for (guint i = 0; i < e->unmap_wait->len;) {
+        DetachedRun *run = &g_array_index(e->unmap_wait, DetachedRun, i);
+
+        if (pool_mapped_in(&e->broker, run->lo, run->hi)) {
+            i++;
+            continue;
+        }
+        broker_unref(e, (uint64_t *)run->slots->data, run->slots->len);
+        g_array_free(run->slots, TRUE);
+        g_array_remove_index_fast(e->unmap_wait, i);
+    }
     engine_unlock(e);
 }
 
@@ -671,6 +731,7 @@ void dedup_engine_run_scanner(DedupEngine *e)
             bool left = dedup_engine_unmerge(e, UNMERGE_STEP) > 0;
             int64_t cpu1;
 
+            engine_release_unmapped(e);
             broker_flush_unrefs(e);
             cpu1 = thread_cpu_ns();
 
@@ -746,6 +807,7 @@ void dedup_engine_run_scanner(DedupEngine *e)
         e->idle_passes = t.changed + work_done(&e->st) - work_before > quiet_pages
                          ? 0 : MIN(e->idle_passes + 1, IDLE_BACKOFF_MAX);
         engine_unlock(e);
+        engine_release_unmapped(e);
         broker_flush_unrefs(e);
         if (!pause_between_passes(e, quiet_pages)) {
             break;
