@@ -35,10 +35,7 @@ Usage: diskread-bench.py [--rounds 8] [--mib 64] [--modes io_uring,native,thread
 From the build tree after 'make all guest'."""
 
 import argparse
-import hashlib
-import mmap
 import os
-import random
 import re
 import shutil
 import statistics
@@ -49,11 +46,11 @@ import time
 here = os.path.dirname(os.path.abspath(__file__))
 root = os.path.join(here, "..", "..")
 sys.path.insert(0, os.path.join(root, "tests", "lib"))
+from diskimage import MIB, aio_in_build, drive, make_image, o_direct_works  # noqa: E402
 from host import start_broker, tcg_guest_args  # noqa: E402
 from qmp import QemuProcess  # noqa: E402
 
 MODES = ["io_uring", "native", "threads"]
-MIB = 1 << 20
 POLL = 0.02
 TROUBLE = ("Kernel panic", "BUG:", "I/O error", "DISKREAD-ERROR",
            "QDEDUP-ERROR", "QDEDUP-WARNING")
@@ -80,46 +77,6 @@ image = os.path.join(tmp, "disk.img")
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def make_image():
-    """ARGS.MIB MiB of a seeded pseudo-random pattern; returns its sha256."""
-    rng = random.Random(0x1D8)
-    whole = hashlib.sha256()
-    with open(image, "wb") as f:
-        for _ in range(args.mib):
-            data = rng.randbytes(MIB)
-            f.write(data)
-            whole.update(data)
-    return whole.hexdigest()
-
-
-def o_direct_works(path):
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError:
-        return False
-    try:
-        return os.readv(fd, [mmap.mmap(-1, 4096)]) == 4096
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def drive(mode):
-    return ["-drive", f"file={image},if=none,id=d0,format=raw,cache=none,aio={mode},readonly=on"]
-
-
-def aio_in_build(mode):
-    try:
-        with QemuProcess(QEMU, ["-machine", "none", "-nodefaults", "-display", "none"] +
-                         drive(mode)):
-            return True
-    except RuntimeError as e:
-        if "not supported in this build" in str(e):
-            return False
-        raise
 
 
 class Console:
@@ -165,7 +122,7 @@ def run(mode, name, obj):
     # As in dma-tcg.py: pages come zeroed from the allocator, so a page
     # being read into is a zero page to the engine until the data lands.
     argv[argv.index("-append") + 1] += " init_on_alloc=1"
-    argv += ["-no-reboot", *drive(mode), "-device", "virtio-blk-pci,drive=d0"]
+    argv += ["-no-reboot", *drive(image, mode), "-device", "virtio-blk-pci,drive=d0"]
     if obj:
         argv += ["-object", obj]
     con = Console(path)
@@ -227,7 +184,7 @@ def run(mode, name, obj):
 
 def main():
     start = time.monotonic()
-    want = make_image()
+    want, _ = make_image(image, args.mib)
     log(f"disk image {image}: {args.mib} MiB, sha256 {want}")
     if not o_direct_works(image):
         sys.exit(f"{tmp} cannot be read with O_DIRECT (cache=none)")
@@ -237,7 +194,7 @@ def main():
         if not os.path.exists(control):
             sys.exit("the broker did not start: " + open(os.path.join(tmp, "broker.log")).read())
         for mode in modes:
-            if not aio_in_build(mode):
+            if not aio_in_build(QEMU, image, mode):
                 log(f"aio={mode}: not in this QEMU build, skipped")
                 results.append({"mode": mode, "dedup": "-", "error": "not in this build",
                                 "times": [], "sums": [], "trouble": [], "stats": None})

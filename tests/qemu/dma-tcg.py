@@ -23,15 +23,13 @@ Usage: dma-tcg.py [--ignore-dma] [--rounds N] [--mib M] [--timeout S]
                   QEMU_BUILD_DIR OWN_BUILD_DIR GUEST_DIR"""
 
 import argparse
-import hashlib
-import mmap
 import os
-import random
 import re
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
+from diskimage import MIB, aio_in_build, drive, make_image, o_direct_works  # noqa: E402
 from host import finish, start_broker, tcg_guest_args  # noqa: E402
 from qmp import QemuProcess  # noqa: E402
 from tap import Tap  # noqa: E402
@@ -51,42 +49,12 @@ opt = ap.parse_args()
 qemu = os.path.join(opt.qemu_build, "qemu-system-x86_64")
 BROKER = os.path.join(opt.own_build, "broker", "qemu-dedup-broker")
 MODES = ["io_uring", "native", "threads"]
-MIB = 1 << 20
 t = Tap()
 # On the real disk: cache=none opens the image with O_DIRECT.
 tmp = tempfile.mkdtemp(prefix="qdedup-dma-", dir="/var/tmp")
 image = os.path.join(tmp, "disk.img")
 vms = []
 modes = list(MODES)      # those this QEMU was built with
-
-
-def make_image():
-    """OPT.MIB MiB of a seeded pseudo-random pattern (no page of zeros);
-    returns the sha256 of all of it and of each MiB."""
-    rng = random.Random(0x1D8)
-    whole, per_mib = hashlib.sha256(), []
-    with open(image, "wb") as f:
-        for _ in range(opt.mib):
-            data = rng.randbytes(MIB)
-            assert all(any(data[p:p + 4096]) for p in range(0, MIB, 4096))
-            f.write(data)
-            whole.update(data)
-            per_mib.append(hashlib.sha256(data).hexdigest())
-    return whole.hexdigest(), per_mib
-
-
-def o_direct_works(path):
-    """Can PATH be read with O_DIRECT (what cache=none needs)?"""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError:
-        return False
-    try:
-        return os.readv(fd, [mmap.mmap(-1, 4096)]) == 4096     # page-aligned
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def console(vm):
@@ -127,31 +95,15 @@ def guest_args(vm, mode):
         obj += ",x-ignore-dma=on"
     return args + [
         "-no-reboot",
-        *drive(mode),
+        *drive(image, mode),
         "-device", "virtio-blk-pci,drive=d0",
         "-object", obj]
-
-
-def drive(mode):
-    return ["-drive", f"file={image},if=none,id=d0,format=raw,cache=none,aio={mode},readonly=on"]
-
-
-def aio_in_build(mode):
-    """Was this QEMU built with aio=MODE (native needs libaio)?"""
-    try:
-        with QemuProcess(qemu, ["-machine", "none", "-nodefaults", "-display", "none"] +
-                         drive(mode)):
-            return True
-    except RuntimeError as e:
-        if "not supported in this build" in str(e):
-            return False
-        raise
 
 
 def boot():
     """Start the guests; True once each sees its whole disk."""
     for mode in MODES:
-        if not aio_in_build(mode):
+        if not aio_in_build(qemu, image, mode):
             # configure enables all three (native needs libaio): a failure, not a skip.
             t.check(False, f"aio={mode} is in this QEMU build (configure --enable-linux-aio)")
             modes.remove(mode)
@@ -206,7 +158,7 @@ def check_rounds():
                     f"vm{vm} (aio={mode}): the engine ran and dropped or merged pages", i)
 
 
-want, per_mib = make_image()
+want, per_mib = make_image(image, opt.mib)
 t.diag(f"disk image {image}: {opt.mib} MiB, sha256 {want}")
 t.check(o_direct_works(image), f"{tmp} can be read with O_DIRECT (cache=none)")
 if opt.ignore_dma:
