@@ -271,16 +271,6 @@ static bool restore_refs(DedupEngine *e)
     if (!g_hash_table_size(refused)) {
         return true;
     }
-    {
-        GHashTableIter it;
-        gpointer key;
-
-        /* The broker holds no reference to give back for them. */
-        g_hash_table_iter_init(&it, refused);
-        while (g_hash_table_iter_next(&it, &key, NULL)) {
-            g_hash_table_remove(b->unref_due, key);
-        }
-    }
     for (guint i = 0; i < e->regions->len; i++) {
         Region *r = g_ptr_array_index(e->regions, i);
 
@@ -299,9 +289,11 @@ static bool restore_refs(DedupEngine *e)
         GHashTableIter it;
         gpointer key;
 
+        /* The broker holds no reference to them: none to give back. */
         g_hash_table_iter_init(&it, refused);
         while (g_hash_table_iter_next(&it, &key, NULL)) {
             qd_slot_uses_forget(&b->uses, GPOINTER_TO_SIZE(key));
+            g_hash_table_remove(b->unref_due, key);
         }
     }
     return true;
